@@ -1,0 +1,39 @@
+"""Typed errors shared by the query side and the loaders: every failure is either transient or terminal."""
+
+from __future__ import annotations
+
+
+class AmpDagsterError(Exception):
+    """Base of every error amp_dagster raises on purpose.
+
+    ``transient`` tells callers whether trying again later can succeed (a server that is down, a dropped
+    connection, a deadlock) or whether the input must change first (bad SQL, a schema mismatch, bad credentials).
+    """
+
+    transient: bool = False
+
+
+class TransientError(AmpDagsterError):
+    """Trying again later may succeed. Raised only after the bounded retries of the component gave up."""
+
+    transient = True
+
+
+class TerminalError(AmpDagsterError):
+    """Trying again will fail the same way: the query, the config or the data must change."""
+
+
+class ServiceUnavailableError(TransientError):
+    """A server (amp, PostgreSQL, Redis, ClickHouse, a catalog) could not be reached."""
+
+
+class NotSupportedError(TerminalError):
+    """The destination cannot do what was asked (for example upsert into a store without keys)."""
+
+
+class SchemaMismatchError(TerminalError):
+    """The data's Arrow schema does not fit the existing table; the message names the column."""
+
+
+class ConfigError(TerminalError):
+    """A setting is missing or has a value that cannot work; the message names the setting and the fix."""

@@ -1,0 +1,91 @@
+"""Vectorised Arrow → text encodings that several destinations need: 0x-hex for bytes, JSON for nested values."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_HEX = np.array([list(f"{i:02x}".encode()) for i in range(256)], dtype=np.uint8)
+
+
+def is_binary_like(type_: pa.DataType) -> bool:
+    return (
+        pa.types.is_binary(type_)
+        or pa.types.is_large_binary(type_)
+        or pa.types.is_fixed_size_binary(type_)
+        or pa.types.is_binary_view(type_)
+    )
+
+
+def is_nested(type_: pa.DataType) -> bool:
+    return pa.types.is_nested(type_)
+
+
+def hex_strings(array: pa.Array, prefix: str = "0x") -> pa.Array:
+    """Bytes as lowercase hex text (``b"\\x01\\xab"`` → ``"0x01ab"``), nulls kept, without a per-row loop."""
+    if isinstance(array, pa.ChunkedArray):
+        return pa.chunked_array([hex_strings(c, prefix) for c in array.chunks], pa.string())
+    if pa.types.is_fixed_size_binary(array.type):
+        width = array.type.byte_width
+        offsets = np.arange(len(array) + 1, dtype=np.int64) * width
+        raw = np.frombuffer(array.buffers()[1], dtype=np.uint8)[
+            array.offset * width : (array.offset + len(array)) * width
+        ]
+    else:
+        array = array.cast(pa.large_binary())
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+        raw = (
+            np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+            if len(array)
+            else np.zeros(0, np.uint8)
+        )
+        offsets = offsets - offsets[0]
+    body = _HEX[raw].reshape(-1)  # two hex digits per byte, in row order
+    validity = pc.is_valid(array).buffers()[1] if array.null_count else None
+    text = pa.LargeStringArray.from_buffers(
+        len(array), pa.py_buffer(offsets * 2), pa.py_buffer(body), validity, array.null_count
+    ).cast(pa.string())
+    if not prefix:
+        return text
+    return pc.binary_join_element_wise(pa.scalar(prefix), text, "")
+
+
+def _text_leaves(array: pa.Array) -> pa.Array:
+    """Rebuild a nested array with binary leaves turned into hex text (JSON has no bytes type)."""
+    t = array.type
+    if is_binary_like(t):
+        return hex_strings(array)
+    if pa.types.is_struct(t):
+        children = [_text_leaves(array.field(i)) for i in range(t.num_fields)]
+        mask = pc.is_null(array) if array.null_count else None
+        return pa.StructArray.from_arrays(children, names=[f.name for f in t], mask=mask)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        values = _text_leaves(array.flatten())
+        offsets = array.offsets
+        offsets = pc.subtract(offsets, offsets[0])
+        mask = pc.is_null(array) if array.null_count else None
+        cls = pa.LargeListArray if pa.types.is_large_list(t) else pa.ListArray
+        return cls.from_arrays(offsets, values, mask=mask)
+    if pa.types.is_fixed_size_list(t) or pa.types.is_map(t) or pa.types.is_list_view(t):
+        return _text_leaves(array.cast(pa.list_(t.value_type)) if not pa.types.is_map(t) else array)
+    return array
+
+
+def json_strings(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Nested values (structs, lists, maps) as JSON text, bytes as 0x-hex strings, nulls kept as nulls.
+
+    Integers stay JSON numbers (uint64 included: jsonb and ClickHouse keep them exact); decimals become
+    strings, timestamps ISO 8601 strings.
+    """
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if len(array) == 0:
+        return pa.array([], pa.string())
+    wrapped = pa.StructArray.from_arrays([_text_leaves(array)], names=["v"])
+    encoded = pl.from_arrow(pa.table({"w": wrapped}), rechunk=False).select(pl.col("w").struct.json_encode())["w"]
+    text = encoded.to_arrow().cast(pa.string())
+    # strip the wrapper '{"v":' ... '}' again
+    text = pc.utf8_slice_codeunits(text, start=5, stop=-1)
+    return pc.if_else(pc.is_null(array), pa.scalar(None, pa.string()), text)
