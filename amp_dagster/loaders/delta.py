@@ -98,7 +98,7 @@ def _storage_type(t: pa.DataType, column: str) -> pa.DataType:
         return _storage_type(t.storage_type, column)
     if pa.types.is_dictionary(t):
         return _storage_type(t.value_type, column)
-    if t in _AS_IS or (pa.types.is_decimal128(t) and t.precision <= 38):
+    if t in _AS_IS:
         return t
     if t in _SCALARS:
         return _SCALARS[t]

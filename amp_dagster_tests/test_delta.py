@@ -1,0 +1,328 @@
+"""Delta Lake loader specifics: one commit per call, the type map at its edges, path safety, maintenance, bad paths."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from decimal import Decimal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from deltalake import DeltaTable
+
+from amp_dagster.errors import ConfigError, SchemaMismatchError, TerminalError
+from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.delta import DeltaLoader, decode_name, encode_name
+
+from . import data
+
+LOG_KEY = ("block_num", "log_index")
+
+
+@pytest.fixture
+def loader(tmp_path) -> DeltaLoader:
+    with DeltaLoader(tmp_path / "base") as loader:
+        yield loader
+
+
+def _table(loader: DeltaLoader, table: TableRef) -> DeltaTable:
+    return DeltaTable(str(loader.path(table)))
+
+
+def _version(loader: DeltaLoader, table: TableRef) -> int:
+    return _table(loader, table).version()
+
+
+# -- one commit per call -----------------------------------------------------------------------------------
+
+
+def test_every_write_is_exactly_one_commit(loader):
+    table = TableRef("logs", namespace="eth", key=LOG_KEY)
+    logs = data.logs(0, 199)
+    loader.ensure_table(table, logs.schema)
+    assert _version(loader, table) == 0
+
+    result = loader.write(table, data.in_batches(logs, 37))  # dozens of batches, one commit
+    assert (result.commits, _version(loader, table)) == (1, 1)
+    assert _table(loader, table).history(1)[0]["operation"] == "WRITE"
+
+    loader.write(table, data.in_batches(data.logs(0, 99, seed=2), 50), replace=RowRange(0, 99))
+    assert _version(loader, table) == 2
+    entry = _table(loader, table).history(1)[0]
+    assert (entry["operation"], entry["operationParameters"]["mode"]) == ("WRITE", "Overwrite")
+    assert entry["operationParameters"]["predicate"] == (
+        "_block_num >= '0'::decimal(20, 0) AND _block_num <= '99'::decimal(20, 0)"
+    )
+
+    loader.delete(table, RowRange(150))
+    assert _version(loader, table) == 3
+    loader.replace_table(table, data.in_batches(logs, 64))
+    assert _version(loader, table) == 4
+    got = loader.read(table).read_all()
+    assert got.num_rows == logs.num_rows and got.schema == logs.schema
+
+
+def test_empty_data_makes_no_commit_but_an_empty_replace_clears_its_range(loader):
+    table = TableRef("logs", key=LOG_KEY)
+    logs = data.logs(0, 49)
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, logs)
+    assert loader.write(table, logs.slice(0, 0)).commits == 0
+    assert _version(loader, table) == 1
+    result = loader.write(table, logs.slice(0, 0), replace=RowRange(40, 49))
+    assert (result.commits, _version(loader, table)) == (1, 2)
+    assert pc.max(loader.read(table).read_all()["_block_num"]).as_py() == 39
+
+
+def test_a_failed_write_commits_nothing_and_raises_the_source_error(loader):
+    table = TableRef("logs", key=LOG_KEY)
+    logs = data.logs(0, 99)
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, logs.slice(0, 100))
+
+    class Broken(Exception):
+        pass
+
+    def dying():
+        yield from logs.to_batches(max_chunksize=100)[:2]
+        raise Broken("source died")
+
+    with pytest.raises(Broken, match="source died"):
+        loader.write(table, pa.RecordBatchReader.from_batches(logs.schema, dying()))
+    with pytest.raises(TerminalError, match="outside the range"):
+        loader.write(table, data.in_batches(logs, 10), replace=RowRange(0, 5))
+    assert _version(loader, table) == 1
+    assert loader.read(table).read_all().num_rows == 100
+
+
+# -- types ---------------------------------------------------------------------------------------------------
+
+EDGES = pa.schema(
+    [
+        pa.field("_block_num", pa.uint64(), nullable=False),
+        pa.field("u8", pa.uint8()),
+        pa.field("u16", pa.uint16()),
+        pa.field("u32", pa.uint32()),
+        pa.field("u64", pa.uint64()),
+        pa.field("ts", pa.timestamp("ns", tz="+00:00")),
+        pa.field("naive", pa.timestamp("ns")),
+        pa.field("t", pa.time64("ns")),
+        pa.field("big", pa.large_string()),
+        pa.field("tag", pa.dictionary(pa.int8(), pa.string())),
+        pa.field("nested", pa.list_(pa.struct([("n", pa.uint64()), ("at", pa.timestamp("ns", tz="UTC"))]))),
+    ]
+)
+
+
+def _edges() -> pa.Table:
+    at = dt.datetime(2262, 4, 11, 23, 47, 16, 854775, tzinfo=dt.UTC)  # the last whole µs a timestamp[ns] holds
+    return pa.table(
+        {
+            "_block_num": [0, 1, 2],
+            "u8": [255, 0, None],
+            "u16": [65535, 0, None],
+            "u32": [2**32 - 1, 0, None],
+            "u64": [2**64 - 1, 2**63, None],
+            "ts": [at, dt.datetime(1970, 1, 1, tzinfo=dt.UTC), None],
+            "naive": [at.replace(tzinfo=None), dt.datetime(1900, 1, 1), None],
+            "t": [86_399_999_999_999, 0, None],
+            "big": ["x" * 1000, "", None],
+            "tag": ["a", "b", None],
+            "nested": [[{"n": 2**64 - 1, "at": at}], [], None],
+        },
+        schema=EDGES,
+    )
+
+
+def test_edge_values_round_trip_with_their_original_types(loader):
+    table = TableRef("edges")
+    edges = _edges()
+    loader.ensure_table(table, edges.schema)
+    loader.write(table, edges)
+    got = loader.read(table).read_all()
+    assert got.schema == edges.schema
+    assert got.sort_by("_block_num").to_pylist() == edges.to_pylist()
+
+
+def test_the_delta_types_hold_the_values_exactly(loader):
+    table = TableRef("edges")
+    loader.ensure_table(table, EDGES)
+    loader.write(table, _edges())
+    stored = _table(loader, table)
+    types = {f.name: f.type.to_json().strip('"') for f in stored.schema().fields}
+    assert {k: types[k] for k in ("u8", "u16", "u32", "u64", "ts", "naive", "t", "big")} == {
+        "u8": "short",
+        "u16": "integer",
+        "u32": "long",  # not integer: deltalake would turn uint32 into int32
+        "u64": "decimal(20,0)",
+        "ts": "timestamp",
+        "naive": "timestamp_ntz",
+        "t": "long",
+        "big": "string",
+    }
+    # an independent reader (deltalake itself) sees the exact values
+    raw = stored.to_pyarrow_table().sort_by("_block_num")
+    assert raw["u32"].to_pylist() == [2**32 - 1, 0, None]
+    assert raw["u64"].to_pylist() == [Decimal(2**64 - 1), Decimal(2**63), None]
+    assert raw["nested"][0].as_py()[0]["n"] == Decimal(2**64 - 1)
+
+
+def test_sub_microsecond_timestamps_fail_naming_the_column_or_truncate_when_asked(tmp_path):
+    ts = pa.table(
+        {
+            "_block_num": pa.array([1], pa.uint64()),
+            "when": pa.array([1_700_000_000_123_456_789], pa.timestamp("ns", tz="UTC")),
+        }
+    )
+    table = TableRef("ts")
+    strict = DeltaLoader(tmp_path / "strict")
+    strict.ensure_table(table, ts.schema)
+    with pytest.raises(TerminalError, match=r"column 'when'.*1700000000123456789.*truncate_timestamps=True"):
+        strict.write(table, ts)
+    assert strict.read(table).read_all().num_rows == 0
+
+    lenient = DeltaLoader(tmp_path / "lenient", truncate_timestamps=True)
+    lenient.ensure_table(table, ts.schema)
+    lenient.write(table, ts)
+    assert lenient.read(table).read_all()["when"].cast(pa.int64()).to_pylist() == [1_700_000_000_123_456_000]
+
+
+def test_an_unstorable_type_is_named(loader):
+    schema = pa.schema([pa.field("_block_num", pa.uint64()), pa.field("huge", pa.decimal256(60, 0))])
+    with pytest.raises(TerminalError, match=r"column 'huge'.*decimal256\(60, 0\)"):
+        loader.ensure_table(TableRef("x"), schema)
+
+
+def test_added_columns_and_a_new_shape_keep_their_original_types(loader):
+    table = TableRef("items", range_column="cursor")
+    rows = data.cursor_rows(0, 10)
+    loader.ensure_table(table, rows.schema)
+    loader.write(table, rows)
+    wider = rows.append_column(pa.field("rank", pa.uint32()), pa.array(range(10), pa.uint32()))
+    loader.ensure_table(table, wider.schema)
+    loader.write(table, wider)
+    got = loader.read(table).read_all()
+    assert got.schema.field("rank").type == pa.uint32()
+    assert got["rank"].null_count == 10
+
+    # a full refresh may change the shape; data and types swap in with one commit
+    reshaped = wider.set_column(1, pa.field("name", pa.large_string()), wider["name"].cast(pa.large_string()))
+    loader.replace_table(table, reshaped)
+    assert loader.read(table).read_all().schema == reshaped.schema
+    with pytest.raises(SchemaMismatchError, match=r"'score'.*double in the table but string"):
+        loader.write(table, reshaped.set_column(2, "score", reshaped["score"].cast(pa.string())))
+
+
+# -- ranges and upserts ---------------------------------------------------------------------------------------
+
+
+def test_read_a_range_and_a_hostile_range_column(loader):
+    column = 'blk "num"; --'
+    table = TableRef("t", range_column=column)
+    rows = pa.table({column: pa.array(range(100), pa.uint64()), "v": pa.array(range(100), pa.int64())})
+    loader.ensure_table(table, rows.schema)
+    loader.write(table, rows)
+    loader.write(table, rows.slice(10, 10), replace=RowRange(10, 19))
+    loader.delete(table, RowRange(90))
+    got = loader.read(table, RowRange(5, 14)).read_all()
+    assert got.schema == rows.schema
+    assert sorted(got[column].to_pylist()) == list(range(5, 15))
+    assert loader.read(table).read_all().num_rows == 90
+
+
+def test_upsert_in_several_merges_keeps_the_last_row(tmp_path):
+    loader = DeltaLoader(tmp_path, merge_rows=10)
+    table = TableRef("logs", key=LOG_KEY)
+    logs = data.logs(0, 9).slice(0, 40)
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, logs.slice(0, 20))
+    first = logs.set_column(12, "data", pa.array([b"first"] * 40))
+    last = logs.slice(30, 10).set_column(12, "data", pa.array([b"last"] * 10))
+    result = loader.upsert(table, data.in_batches(pa.concat_tables([first, last]), 10))
+    assert result.rows == 50 and result.commits == 5
+    got = loader.read(table).read_all().sort_by([("block_num", "ascending"), ("log_index", "ascending")])
+    assert got.num_rows == 40
+    assert got["data"].to_pylist() == [b"first"] * 30 + [b"last"] * 10
+
+
+# -- paths ---------------------------------------------------------------------------------------------------
+
+HOSTILE = ["..", ".", "../../escape", "/etc/passwd", "a/b", "%2e%2e", "~7E", "we\"ird'; --", "tåble ✓", ""]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_names_encode_to_one_safe_reversible_component(name):
+    encoded = encode_name(name)
+    assert decode_name(encoded) == name
+    assert encoded == "" or all(c.isascii() and (c.isalnum() or c in "_-~") for c in encoded)
+
+
+def test_hostile_names_stay_inside_the_base_dir(tmp_path):
+    base = tmp_path / "inside" / "base"
+    loader = DeltaLoader(base)
+    rows = data.cursor_rows(0, 3)
+    for i, name in enumerate(n for n in HOSTILE if n):
+        table = TableRef(name, namespace=HOSTILE[-2 - i % 3], range_column="cursor")
+        loader.ensure_table(table, rows.schema)
+        loader.write(table, rows)
+        path = loader.path(table)
+        assert path.parent.parent == base
+        assert loader.read(table).read_all().num_rows == 3
+    outside = {p for p in tmp_path.rglob("*") if base not in (p, *p.parents)}
+    assert outside == {tmp_path / "inside"}
+    for namespace in os.listdir(base):
+        for name in os.listdir(base / namespace):
+            assert decode_name(name) in HOSTILE
+
+
+# -- bad locations ------------------------------------------------------------------------------------------
+
+
+def test_a_location_that_is_a_file_is_a_clear_terminal_error(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    loader = DeltaLoader(blocker / "base")
+    with pytest.raises(ConfigError, match=r"eth\.logs: cannot create the directory .*not_a_dir.*writable local"):
+        loader.ensure_table(TableRef("logs", namespace="eth"), data.logs(0, 1).schema)
+
+
+def test_an_unwritable_location_is_a_clear_terminal_error():
+    loader = DeltaLoader("/proc/amp_dagster_delta")  # not writable, even for root
+    with pytest.raises(ConfigError, match=r"/proc/amp_dagster_delta.*writable local directory"):
+        loader.ensure_table(TableRef("logs"), data.logs(0, 1).schema)
+
+
+@pytest.mark.parametrize("base", ["s3://bucket/delta", "/tmp/50%off"])
+def test_a_location_deltalake_would_misread_is_refused(base):
+    with pytest.raises(ConfigError, match="local directory path"):
+        DeltaLoader(base)
+
+
+def test_a_missing_table_is_named(loader):
+    with pytest.raises(TerminalError, match=r"eth\.nope does not exist.*ensure_table"):
+        loader.write(TableRef("nope", namespace="eth"), data.logs(0, 1))
+
+
+# -- maintenance ----------------------------------------------------------------------------------------------
+
+
+def test_compact_and_vacuum_are_separate_and_keep_the_rows(loader):
+    table = TableRef("logs", key=LOG_KEY)
+    logs = data.logs(0, 99)
+    loader.ensure_table(table, logs.schema)
+    for start in range(0, 100, 20):
+        loader.write(
+            table,
+            logs.filter(pc.and_(pc.greater_equal(logs["_block_num"], start), pc.less(logs["_block_num"], start + 20))),
+        )
+    assert len(_table(loader, table).file_uris()) == 5  # writes never compact
+    metrics = loader.compact(table)
+    assert metrics["numFilesRemoved"] == 5 and len(_table(loader, table).file_uris()) == 1
+    assert loader.vacuum(table, dry_run=True) == []  # the default retention keeps last week's files
+    removed = loader.vacuum(table, retention_hours=0)
+    assert len(removed) == 5
+    files = {p.name for p in loader.path(table).glob("*.parquet")}
+    assert files == {os.path.basename(u) for u in _table(loader, table).file_uris()}
+    got = loader.read(table).read_all()
+    assert got.sort_by([("block_num", "ascending"), ("log_index", "ascending")]) == logs
