@@ -1,0 +1,565 @@
+"""ClickHouse loader: Arrow IPC streamed into MergeTree tables with clickhouse-connect (a server or in-process chdb).
+
+Connection: pass a clickhouse-connect ``client``, a ``dsn`` (``http://host:8123/db``, or ``chdb:///path`` for the
+in-process engine) or ``host``/``port``/``username``/``password``/``database``. The driver is imported and the
+client created on first use, with bounded retries; without a password, ``CLICKHOUSE_PASSWORD`` is used.
+
+Type map (Arrow → ClickHouse; ``read()`` gives the original Arrow types back, from the schema kept in the table
+COMMENT): signed/unsigned integers → ``Int8..Int64``/``UInt8..UInt64`` (uint64 max exact); ``float16/32`` →
+``Float32``; ``bool`` → ``Bool``; ``string``/``binary`` → ``String`` (bytes kept as they are); ``fixed_size_binary(n)``
+→ ``FixedString(n)``; ``decimal(p,s)`` → ``Decimal(p, s)``; ``timestamp[unit, tz]`` → ``DateTime64(0|3|6|9, 'UTC')``
+(the tz comes back from the stored schema); ``date32/64`` → ``Date32``; lists → ``Array``; structs → named
+``Tuple``. Nullable fields are ``Nullable(...)``. ClickHouse has no ``Nullable(Array)``, so a nullable list is kept
+as ``Nullable(Tuple(v Array(...)))`` and unwrapped on read (nullable tuples need ClickHouse 26.x, where
+``enable_nullable_tuple_type`` is on). Maps, times, durations and nulls are refused with the column named.
+
+Engine: a table with ``TableRef.key`` is a ``ReplacingMergeTree ORDER BY key`` (so ``upsert`` is an insert and the
+last row inserted for a key wins), read and counted with ``FINAL``; without a key, ``MergeTree ORDER BY`` the range
+column. Keyed tables get a ``minmax`` skip index on the range column so range deletes and reads skip granules.
+Caveat of FINAL: deleting the newest version of a key whose older version lies outside the range brings the older
+version back (PostgreSQL would delete the key).
+
+Writes: one ``INSERT ... FORMAT ArrowStream`` per ``insert_rows`` rows, streamed batch by batch (chdb spools it to a
+temp file). ``write(replace=...)`` runs a lightweight ``DELETE`` (``lightweight_deletes_sync=2``: visible when it
+returns), then inserts: ClickHouse has no multi-statement transactions, so this is not atomic, but repeating it
+leaves exactly one copy. ``replace_table`` fills a staging table and swaps it in with ``EXCHANGE TABLES``; a failed
+write drops the staging table and leaves the old one untouched.
+
+chdb hosts one engine path per process: clients on the same path share its data, and a different path can only be
+opened once every client of the first one is closed (a :class:`ConfigError` says so).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import ConfigError, ServiceUnavailableError, TerminalError, TransientError
+from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
+from .base import (
+    ArrowData,
+    Capabilities,
+    Loader,
+    RowRange,
+    TableRef,
+    Tally,
+    WriteResult,
+    check_in_range,
+    compare_columns,
+    key_columns,
+    record_batches,
+    require_columns,
+)
+
+COMMENT_TAG = "amp_dagster:"
+_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end-of-stream marker of the Arrow IPC stream format
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# server error codes worth retrying: timeouts, overload, too many parts, network, keeper, deadlock avoided
+_TRANSIENT_CODES = {159, 202, 203, 209, 210, 241, 242, 252, 285, 319, 473, 999}
+_INSERT_SETTINGS = {"async_insert": 0}  # a synchronous insert: the rows are committed when the call returns
+_READ_SETTINGS = {"output_format_arrow_string_as_string": 0, "output_format_arrow_compression_method": "none"}
+_SCALARS = {
+    pa.bool_(): "Bool",
+    pa.int8(): "Int8",
+    pa.int16(): "Int16",
+    pa.int32(): "Int32",
+    pa.int64(): "Int64",
+    pa.uint8(): "UInt8",
+    pa.uint16(): "UInt16",
+    pa.uint32(): "UInt32",
+    pa.uint64(): "UInt64",
+    pa.float32(): "Float32",
+    pa.float64(): "Float64",
+    pa.string(): "String",
+    pa.large_string(): "String",
+    pa.binary(): "String",
+    pa.large_binary(): "String",
+    pa.date32(): "Date32",
+}
+# Arrow types ClickHouse's Arrow reader does not take, and what they are sent as
+_SEND_AS = {
+    pa.float16(): pa.float32(),
+    pa.date64(): pa.date32(),
+    pa.string_view(): pa.string(),
+    pa.binary_view(): pa.binary(),
+}
+_PRECISION = {"s": 0, "ms": 3, "us": 6, "ns": 9}
+
+
+@dataclass(frozen=True)
+class _Meta:
+    engine: str
+    columns: dict[str, str]  # name → ClickHouse type, in table order
+    sorting_key: frozenset[str]
+    schema: pa.Schema | None  # the Arrow schema kept in the table comment
+
+
+class ClickHouseLoader(Loader):
+    """Loads Arrow into ClickHouse MergeTree tables, on a server over HTTP or in-process through chdb.
+
+    >>> with ClickHouseLoader("chdb:///var/lib/amp/chdb") as ch:  # doctest: +SKIP
+    ...     t = TableRef("logs", namespace="eth", key=("block_num", "log_index"))
+    ...     ch.ensure_table(t, logs.schema)
+    ...     ch.write(t, logs, replace=RowRange(0, 999))
+    >>> ClickHouseLoader(host="ch.internal", port=8443, secure=True, password=secret)  # doctest: +SKIP
+    """
+
+    store = "ClickHouse"
+    capabilities = Capabilities(
+        atomic_replace_range=False, atomic_replace_table=True, upsert=True, add_columns=True, flush_rows=262_144
+    )
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        client: Any = None,
+        host: str | None = None,
+        port: int | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        database: str | None = None,
+        secure: bool = False,
+        connect_timeout: int = 10,
+        insert_rows: int = 1_048_576,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        **options: Any,
+    ) -> None:
+        if password is None and client is None:
+            password = os.environ.get("CLICKHOUSE_PASSWORD", "")
+        self._secret = password or ""
+        self._chdb = bool(dsn and dsn.startswith("chdb:"))
+        self._args = dict(dsn=dsn, host=host, port=port, username=username, password=self._secret, **options)
+        if database is not None:
+            self._args["database"] = database
+        if not self._chdb:  # HTTP only: no session, so one client may serve several threads
+            self._args.update(secure=secure, connect_timeout=connect_timeout, autogenerate_session_id=False)
+        parsed = urlparse(dsn or "")
+        if self._chdb:
+            self.where = dsn
+        elif client is not None:
+            self.where = getattr(client, "url", None) or type(client).__name__
+        else:
+            default_port = 8443 if secure or parsed.scheme == "https" else 8123
+            self.where = f"{host or parsed.hostname or 'localhost'}:{port or parsed.port or default_port}"
+        self._conn, self._owned = client, client is None
+        self._insert_rows, self._retry = insert_rows, retry
+        self._lock = threading.Lock()
+        self._default_db: str | None = None
+
+    # -- connection and errors -----------------------------------------------------------------------------
+
+    def _client(self):
+        with self._lock:
+            if self._conn is None:
+                import clickhouse_connect
+
+                def connect():
+                    return clickhouse_connect.get_client(**{k: v for k, v in self._args.items() if v not in (None, "")})
+
+                try:
+                    self._conn = retry_call(
+                        connect, self._retry, _is_transient, f"connecting to ClickHouse {self.where}"
+                    )
+                except Exception as exc:
+                    if "EmbeddedServer already initialized" in str(exc):
+                        raise ConfigError(
+                            f"ClickHouse {self.where}: chdb already runs an engine on another path in this process "
+                            f"({self._scrub(exc)}). Use one chdb path per process, or close its clients first."
+                        ) from None
+                    if _is_transient(exc):
+                        raise ServiceUnavailableError(
+                            f"ClickHouse at {self.where} is unreachable after {self._retry.attempts} attempts: "
+                            f"{self._scrub(exc)}. Check that the server runs and the host, port and credentials "
+                            "are right."
+                        ) from None
+                    raise self._translate(exc, None) from None
+            return self._conn
+
+    def _run(self, fn, table: TableRef | None, what: str, *, retry: bool = True):
+        """Call ``fn(client)``; driver errors come out typed, anything else (a dying source) unchanged."""
+        from clickhouse_connect.driver.exceptions import ClickHouseError
+
+        client = self._client()
+        try:
+            if not retry:
+                return fn(client)
+            return retry_call(lambda: fn(client), self._retry, _is_transient, f"ClickHouse {what} on {table}")
+        except ClickHouseError as exc:
+            raise self._translate(exc, table) from None
+
+    def _command(self, table: TableRef | None, sql: str, params: dict | None = None, settings: dict | None = None):
+        return self._run(lambda c: c.command(sql, parameters=params, settings=settings), table, "command")
+
+    def _rows(self, table: TableRef | None, sql: str, params: dict | None = None) -> list[tuple]:
+        return self._run(lambda c: c.query(sql, parameters=params).result_rows, table, "query")
+
+    def _scrub(self, exc: BaseException) -> str:
+        text = str(exc).strip()
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _translate(self, exc: Exception, table: TableRef | None) -> Exception:
+        where = f"ClickHouse {self.where}" + (f" table {table}" if table else "")
+        if _is_transient(exc) and getattr(exc, "code", None) is None:
+            return ServiceUnavailableError(f"{where}: the server is unreachable: {self._scrub(exc)}")
+        return (TransientError if _is_transient(exc) else TerminalError)(f"{where}: {self._scrub(exc)}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._owned:
+                self._conn.close()
+            self._conn = None
+
+    # -- the Loader seam ------------------------------------------------------------------------------------
+
+    def ensure_table(self, table: TableRef, schema: pa.Schema) -> None:
+        require_columns(schema, table, self.store)
+        meta = self._meta(table)
+        if meta is None:
+            self._create(table, schema)
+            return
+        added = self._compare(table, meta, schema, can_add=True)
+        for name in added:
+            ch_type = _ch_type(name, schema.field(name).type, True)
+            self._command(table, f"ALTER TABLE {self._q(table)} ADD COLUMN IF NOT EXISTS {_id(name)} {ch_type}")
+        if added or meta.schema is None:
+            stored = meta.schema or schema
+            merged = pa.schema([*stored, *(schema.field(n) for n in added)])
+            self._command(table, f"ALTER TABLE {self._q(table)} MODIFY COMMENT {_comment(merged)}")
+
+    def write(self, table: TableRef, data: ArrowData, *, replace: RowRange | None = None) -> WriteResult:
+        schema, batches = record_batches(data)
+        meta = self._require(table)
+        self._compare(table, meta, schema, can_add=False)
+        if replace is not None:
+            self._delete(table, meta, replace)
+        tally = Tally()
+        commits = self._insert(table, meta, schema, tally.count(check_in_range(batches, table, replace)))
+        return tally.result(commits)
+
+    def delete(self, table: TableRef, rows: RowRange) -> int:
+        meta = self._meta(table)
+        return 0 if meta is None else self._delete(table, meta, rows)
+
+    def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
+        schema, batches = record_batches(data)
+        require_columns(schema, table, self.store)
+        # a name per call, so that two refreshes never share a staging table
+        stage = TableRef(
+            f"{table.name}__amp_stage_{uuid.uuid4().hex[:8]}", table.namespace, table.range_column, table.key
+        )
+        tally = Tally()
+        self._create(stage, schema)
+        try:
+            commits = self._insert(stage, self._require(stage), schema, tally.count(batches))
+            if self._meta(table) is None:
+                self._command(table, f"RENAME TABLE {self._q(stage)} TO {self._q(table)}")
+            else:
+                self._command(table, f"EXCHANGE TABLES {self._q(stage)} AND {self._q(table)}")
+        finally:
+            self._command(stage, f"DROP TABLE IF EXISTS {self._q(stage)}")
+        return tally.result(commits)
+
+    def upsert(self, table: TableRef, data: ArrowData) -> WriteResult:
+        key = key_columns(table, self.store)
+        schema, batches = record_batches(data)
+        meta = self._require(table)
+        if meta.engine != "ReplacingMergeTree" or meta.sorting_key != frozenset(key):
+            raise TerminalError(
+                f"ClickHouse table {table} is a {meta.engine} ordered by ({', '.join(sorted(meta.sorting_key))}), "
+                f"so rows cannot be replaced by the key ({', '.join(key)}). Recreate it with replace_table and "
+                "TableRef(key=...) set: keyed tables are created as ReplacingMergeTree ordered by the key."
+            )
+        self._compare(table, meta, schema, can_add=False)
+        tally = Tally()
+        return tally.result(self._insert(table, meta, schema, tally.count(batches)))
+
+    def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
+        meta = self._require(table)
+        final = " FINAL" if meta.engine == "ReplacingMergeTree" else ""
+        where, params = _range_sql(table, rows)
+        sql = f"SELECT * FROM {self._q(table)}{final}{where}"
+        stream = self._run(lambda c: c.raw_stream(sql, params, _READ_SETTINGS, fmt="ArrowStream"), table, "read")
+        reader = pa.ipc.open_stream(stream)
+        stored = meta.schema or pa.schema([])
+        target = pa.schema([stored.field(f.name) if stored.get_field_index(f.name) >= 0 else f for f in reader.schema])
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            try:
+                for batch in reader:
+                    arrays = [_from_store(a, f.type, f.nullable) for a, f in zip(batch.columns, target, strict=True)]
+                    yield pa.RecordBatch.from_arrays(arrays, schema=target)
+            finally:
+                stream.close()
+
+        return pa.RecordBatchReader.from_batches(target, batches())
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _database(self, table: TableRef) -> str:
+        if table.namespace:
+            return table.namespace
+        if self._default_db is None:
+            self._default_db = str(self._command(None, "SELECT currentDatabase()"))
+        return self._default_db
+
+    def _q(self, table: TableRef) -> str:
+        # always database-qualified: clickhouse-connect passes a dotted table name through without quoting it
+        return f"{_id(self._database(table))}.{_id(table.name)}"
+
+    def _meta(self, table: TableRef) -> _Meta | None:
+        params = {"db": self._database(table), "name": table.name}
+        found = self._rows(
+            table,
+            "SELECT engine, comment FROM system.tables WHERE database = {db:String} AND name = {name:String}",
+            params,
+        )
+        if not found:
+            return None
+        engine, comment = found[0]
+        columns = self._rows(
+            table,
+            "SELECT name, type, is_in_sorting_key FROM system.columns "
+            "WHERE database = {db:String} AND table = {name:String} ORDER BY position",
+            params,
+        )
+        schema = None
+        if comment.startswith(COMMENT_TAG):
+            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(comment[len(COMMENT_TAG) :])))
+        return _Meta(engine, {n: t for n, t, _ in columns}, frozenset(n for n, _, k in columns if k), schema)
+
+    def _require(self, table: TableRef) -> _Meta:
+        meta = self._meta(table)
+        if meta is None:
+            raise TerminalError(
+                f"ClickHouse {self.where}: table {table} does not exist. Call ensure_table(table, schema) first."
+            )
+        return meta
+
+    def _create(self, table: TableRef, schema: pa.Schema) -> None:
+        if table.namespace:
+            self._command(table, f"CREATE DATABASE IF NOT EXISTS {_id(table.namespace)}")
+        columns = [f"{_id(f.name)} {_ch_type(f.name, f.type, f.nullable)}" for f in schema]
+        order = table.key or (table.range_column,)
+        if table.key and table.key[0] != table.range_column:
+            columns.append(f"INDEX amp_range {_id(table.range_column)} TYPE minmax GRANULARITY 1")
+        nullable_key = any(schema.field(name).nullable for name in order)
+        self._command(
+            table,
+            f"CREATE TABLE IF NOT EXISTS {self._q(table)} ({', '.join(columns)}) "
+            f"ENGINE = {'ReplacingMergeTree' if table.key else 'MergeTree'} "
+            f"ORDER BY ({', '.join(map(_id, order))})"
+            f"{' SETTINGS allow_nullable_key = 1' if nullable_key else ''} COMMENT {_comment(schema)}",
+        )
+
+    def _compare(self, table: TableRef, meta: _Meta, schema: pa.Schema, *, can_add: bool) -> list[str]:
+        """Compare by ClickHouse type without the top-level Nullable (the table's is used, and nulls are checked
+        per batch); with the table's Arrow schema at hand, bytes are also told apart from text (both String)."""
+        stored = meta.schema if meta.schema is not None and set(meta.schema.names) == set(meta.columns) else None
+        if stored is not None:
+            existing = {name: _label(name, stored.field(name).type) for name in meta.columns}
+        else:
+            existing = {name: _strip_nullable(ch_type) for name, ch_type in meta.columns.items()}
+        incoming = {
+            f.name: (_label(f.name, f.type) if stored else _ch_type(f.name, f.type, False), f.nullable) for f in schema
+        }
+        return compare_columns(self.store, table, existing, incoming, can_add=can_add)
+
+    def _delete(self, table: TableRef, meta: _Meta, rows: RowRange) -> int:
+        final = " FINAL" if meta.engine == "ReplacingMergeTree" else ""
+        where, params = _range_sql(table, rows)
+        count = self._rows(table, f"SELECT count() FROM {self._q(table)}{final}{where}", params)[0][0]
+        if count:
+            self._command(table, f"DELETE FROM {self._q(table)}{where}", params, {"lightweight_deletes_sync": 2})
+        return int(count)
+
+    def _insert(self, table: TableRef, meta: _Meta, schema: pa.Schema, batches) -> int:
+        """Stream the batches as ``INSERT ... FORMAT ArrowStream`` statements of up to ``insert_rows`` rows."""
+        nullable = {name: t.startswith(("Nullable(", "LowCardinality(Nullable(")) for name, t in meta.columns.items()}
+        fields = [pa.field(f.name, f.type, nullable[f.name]) for f in schema]
+
+        def converted() -> Iterator[pa.RecordBatch]:
+            for batch in batches:
+                if not batch.num_rows:
+                    continue
+                arrays = []
+                for array, field in zip(batch.columns, fields, strict=True):
+                    if not field.nullable and array.null_count:
+                        raise TerminalError(
+                            f"ClickHouse table {table}: column {field.name!r} is not Nullable, but the data has "
+                            f"{array.null_count} nulls in it. Fill them in the query, or recreate the table."
+                        )
+                    arrays.append(_to_store(array, field.type, field.nullable))
+                yield pa.RecordBatch.from_arrays(arrays, names=schema.names)
+
+        pending, commits = converted(), 0
+        for first in pending:
+            body = _ipc_stream(first, pending, self._insert_rows)
+            self._run(
+                lambda c, body=body: c.raw_insert(self._q(table), None, body, _INSERT_SETTINGS, "ArrowStream"),
+                table,
+                "insert",
+                retry=False,  # the batches are consumed as they are sent: a retry could not send them again
+            )
+            commits += 1
+        return commits
+
+
+# -- SQL helpers (identifiers go through the driver's escaping, always backquoted) ------------------------------
+
+
+def _id(name: str) -> str:
+    # clickhouse-connect's quote_identifier passes a name that already looks quoted (`x` or "x") through as it is,
+    # which would change its meaning; escape_str is its escaping without that guess
+    from clickhouse_connect.driver.binding import escape_str
+
+    return f"`{escape_str(name)}`"
+
+
+def _comment(schema: pa.Schema) -> str:
+    from clickhouse_connect.driver.binding import format_str
+
+    # DDL takes no bound parameters; the payload is base64, and format_str escapes it anyway
+    return format_str(COMMENT_TAG + base64.b64encode(schema.serialize()).decode())
+
+
+def _range_sql(table: TableRef, rows: RowRange | None) -> tuple[str, dict]:
+    if rows is None:
+        return "", {}
+    clause = f" WHERE {_id(table.range_column)} >= {{lo:UInt64}}"
+    if rows.end is not None:
+        clause += f" AND {_id(table.range_column)} <= {{hi:UInt64}}"
+    return clause, {"lo": rows.start, "hi": rows.end}
+
+
+def _ipc_stream(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch], limit: int) -> Iterator[bytes]:
+    """One Arrow IPC stream of ``first`` and the following batches, until ``limit`` rows (``rest`` stays open)."""
+    yield first.schema.serialize().to_pybytes()
+    batch, rows = first, 0
+    while batch is not None:
+        yield batch.serialize().to_pybytes()
+        rows += batch.num_rows
+        batch = next(rest, None) if rows < limit else None
+    yield _EOS
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    code = getattr(exc, "code", None)
+    return code in _TRANSIENT_CODES or (isinstance(exc, OperationalError) and code is None)
+
+
+# -- the type map ---------------------------------------------------------------------------------------------
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _ch_type(name: str, t: pa.DataType, nullable: bool) -> str:
+    """The ClickHouse type for an Arrow type, spelled the way system.columns prints it."""
+    if pa.types.is_dictionary(t):
+        return _ch_type(name, t.value_type, nullable)
+    if _is_list(t):
+        inner = f"Array({_ch_type(name, t.value_type, t.value_field.nullable)})"
+        return f"Nullable(Tuple(v {inner}))" if nullable else inner
+    if pa.types.is_struct(t) and t.num_fields:
+        names = [f.name if _PLAIN_NAME.fullmatch(f.name) and f.name.lower() != "null" else _id(f.name) for f in t]
+        inner = (
+            f"Tuple({', '.join(f'{n} {_ch_type(name, f.type, f.nullable)}' for n, f in zip(names, t, strict=True))})"
+        )
+    elif pa.types.is_fixed_size_binary(t):
+        inner = f"FixedString({t.byte_width})"
+    elif pa.types.is_decimal(t) and t.precision <= 76:
+        inner = f"Decimal({t.precision}, {t.scale})"
+    elif pa.types.is_timestamp(t):
+        inner = f"DateTime64({_PRECISION[t.unit]}, 'UTC')"
+    elif t in _SCALARS or t in _SEND_AS:
+        inner = _SCALARS[_SEND_AS.get(t, t)]
+    else:
+        raise TerminalError(
+            f"ClickHouse: column {name!r} has Arrow type {t}, which has no ClickHouse mapping here. Cast it in the "
+            "query (maps to list<struct<key, value>>, times and durations to integers)."
+        )
+    return f"Nullable({inner})" if nullable else inner
+
+
+def _label(name: str, t: pa.DataType) -> str:
+    """The type to compare columns by: ClickHouse's without the top-level Nullable, bytes told apart from text."""
+    bytes_like = pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+    return _ch_type(name, t, False) + (" of bytes" if bytes_like else "")
+
+
+def _strip_nullable(ch_type: str) -> str:
+    """A system.columns type without its top-level Nullable (and LowCardinality), as _ch_type(..., False) spells it."""
+    wrapped = re.fullmatch(r"Nullable\(Tuple\(v (Array\(.*\))\)\)", ch_type)
+    if wrapped:
+        return wrapped.group(1)
+    for prefix in ("LowCardinality(Nullable(", "Nullable(", "LowCardinality("):
+        if ch_type.startswith(prefix):
+            return ch_type[len(prefix) : len(ch_type) - prefix.count("(")]
+    return ch_type
+
+
+def _needs_conversion(t: pa.DataType, nullable: bool) -> bool:
+    if pa.types.is_dictionary(t) or t in _SEND_AS or pa.types.is_fixed_size_list(t):
+        return True
+    if _is_list(t):
+        return nullable or _needs_conversion(t.value_type, t.value_field.nullable)
+    return pa.types.is_struct(t) and any(_needs_conversion(f.type, f.nullable) for f in t)
+
+
+def _to_store(array: pa.Array, t: pa.DataType, nullable: bool) -> pa.Array:
+    """An Arrow array as ClickHouse takes it: views and dictionaries cast, nullable lists wrapped in a struct."""
+    if not _needs_conversion(t, nullable):
+        return array
+    if pa.types.is_dictionary(t):
+        return _to_store(array.dictionary_decode(), t.value_type, nullable)
+    if _is_list(t):
+        if pa.types.is_fixed_size_list(t):
+            array, t = array.cast(pa.list_(t.value_field)), pa.list_(t.value_field)
+        inner = _map_values(array, lambda v: _to_store(v, t.value_type, t.value_field.nullable))
+        if not nullable:
+            return inner
+        return pa.StructArray.from_arrays([inner], names=["v"], mask=_nulls(array))
+    if pa.types.is_struct(t):
+        children = [_to_store(array.field(i), f.type, f.nullable) for i, f in enumerate(t)]
+        return pa.StructArray.from_arrays(children, names=[f.name for f in t], mask=_nulls(array))
+    return array.cast(_SEND_AS[t])
+
+
+def _from_store(array: pa.Array, t: pa.DataType, nullable: bool) -> pa.Array:
+    """The inverse of :func:`_to_store`: unwrap nullable lists, then cast to the stored Arrow type."""
+    if _is_list(t) and _needs_conversion(t, nullable):
+        lists = array.field(0) if nullable else array
+        inner = _map_values(lists, lambda v: _from_store(v, t.value_type, t.value_field.nullable))
+        if nullable:
+            inner = type(inner).from_arrays(inner.offsets, inner.values, mask=_nulls(array))
+        array = inner
+    elif pa.types.is_struct(t) and _needs_conversion(t, nullable):
+        children = [_from_store(array.field(i), f.type, f.nullable) for i, f in enumerate(t)]
+        array = pa.StructArray.from_arrays(children, fields=list(t), mask=_nulls(array))
+    return array if array.type == t else array.cast(t)
+
+
+def _map_values(lists: pa.Array, convert) -> pa.Array:
+    """Rebuild a list array with ``convert`` applied to its values, keeping offsets and nulls."""
+    offsets = lists.offsets
+    start, end = offsets[0].as_py(), offsets[-1].as_py()
+    values = convert(lists.values.slice(start, end - start))
+    return type(lists).from_arrays(pc.subtract(offsets, start), values, mask=_nulls(lists))
+
+
+def _nulls(array: pa.Array) -> pa.Array | None:
+    return pc.is_null(array) if array.null_count else None
