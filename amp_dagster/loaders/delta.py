@@ -8,8 +8,8 @@ name can leave ``base_dir``.
 Type map (Arrow → the Arrow type handed to deltalake → Delta):
 
 - ``uint64`` → ``decimal128(20,0)`` (exact up to 2^64-1); ``uint32`` → ``int64``; ``uint16`` → ``int32``;
-  ``uint8`` → ``int16`` (deltalake would cast unsigned types to the signed type of the same width and fail or,
-  per its docs, wrap on large values);
+  ``uint8`` → ``int16``. Left alone, deltalake gives an unsigned column the signed Delta type of the same width
+  (uint32 → ``integer``), and a write holding the top half of the range fails;
 - ``timestamp[*, tz]`` → ``timestamp`` (µs, UTC), ``timestamp[*]`` → ``timestamp_ntz`` (µs). A value that is not a
   whole microsecond fails the write, naming the column and value (deltalake alone truncates silently), unless
   ``truncate_timestamps=True``. Chain timestamps are whole seconds;
@@ -127,10 +127,6 @@ def _storage_type(t: pa.DataType, column: str) -> pa.DataType:
     )
 
 
-def _has_timestamp(t: pa.DataType) -> bool:
-    return pa.types.is_timestamp(t) or any(_has_timestamp(t.field(i).type) for i in range(t.num_fields))
-
-
 def _delta_type(t) -> str:
     """A Delta type as text (``long``, ``decimal(20,0)``, JSON for nested types), to compare and to show."""
     return t.to_json().strip('"')
@@ -232,9 +228,7 @@ class DeltaLoader(Loader):
 
         schema, batches = record_batches(data)
         dt = self._require(table)
-        target = self._target(table, schema)
-        self._compare(table, dt, target, can_add=False)
-        target = pa.schema(target.field(f.name) for f in dt.schema().fields)  # the table's column order
+        target = self._checked(table, dt, schema)
         tally, errors = Tally(), []
         feed = _feed(tally.count(check_in_range(batches, table, replace)), self._converter(table, target), errors)
         first = next(feed, None)
@@ -270,9 +264,7 @@ class DeltaLoader(Loader):
         key = key_columns(table, self.store)
         schema, batches = record_batches(data)
         dt = self._require(table)
-        target = self._target(table, schema)
-        self._compare(table, dt, target, can_add=False)
-        target = pa.schema(target.field(f.name) for f in dt.schema().fields)
+        target = self._checked(table, dt, schema)
         predicate = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in key)
         tally, errors, commits = Tally(), [], 0
         # merging in chunks keeps memory bounded; later chunks merge after earlier ones, so the last row still wins
@@ -353,41 +345,37 @@ class DeltaLoader(Loader):
         incoming = {f.name: (_delta_type(Field.from_arrow(f).type), f.nullable) for f in target}
         return compare_columns(self.store, table, existing, incoming, can_add)
 
+    def _checked(self, table: TableRef, dt, schema: pa.Schema) -> pa.Schema:
+        """The storage schema for writing ``schema`` into the existing table, in the table's column order."""
+        target = self._target(table, schema)
+        self._compare(table, dt, target, can_add=False)
+        return pa.schema(target.field(f.name) for f in dt.schema().fields)
+
     def _predicate(self, table: TableRef, rows: RowRange) -> str:
         column = _quote(table.range_column)
         return f"{column} >= {rows.start}" + ("" if rows.end is None else f" AND {column} <= {rows.end}")
 
     def _converter(self, table: TableRef, target: pa.Schema, back: bool = False) -> Callable:
         """Casts a batch's columns (by name, in ``target``'s order) to ``target``'s types, naming a failing column."""
+        # the map only loses data on timestamps below a microsecond: truncate_timestamps is the one unsafe cast
+        safe = back or not self._truncate
 
         def convert(batch: pa.RecordBatch) -> pa.RecordBatch:
             columns = []
             for field in target:
                 column = batch.column(field.name)
-                if isinstance(column, pa.ExtensionArray):
-                    column = column.storage
-                if column.type != field.type:
-                    column = self._cast(table, column, field, back)
-                columns.append(column)
+                column = column.storage if isinstance(column, pa.ExtensionArray) else column
+                try:
+                    columns.append(column if column.type == field.type else column.cast(field.type, safe=safe))
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise TerminalError(
+                        f"Delta Lake table {table}: column {field.name!r} does not fit {field.type}: {exc}. Cast or "
+                        "round it in the query; DeltaLoader(truncate_timestamps=True) truncates timestamps to the "
+                        "microseconds Delta keeps."
+                    ) from None
             return pa.RecordBatch.from_arrays(columns, schema=target)
 
         return convert
-
-    def _cast(self, table: TableRef, column: pa.Array, field: pa.Field, back: bool) -> pa.Array:
-        try:
-            return column.cast(field.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            if self._truncate and not back and _has_timestamp(column.type):
-                return column.cast(field.type, safe=False)
-            fix = (
-                "Delta keeps timestamps in microseconds: round the column in the query, or pass "
-                "DeltaLoader(truncate_timestamps=True) to truncate."
-                if _has_timestamp(column.type) and not back
-                else "Cast the column in the query to a type that fits."
-            )
-            raise TerminalError(
-                f"Delta Lake table {table}: column {field.name!r} cannot be stored as {field.type}: {exc}. {fix}"
-            ) from None
 
     def _call(self, table: TableRef, action: str, fn: Callable, source_errors: list | None = None):
         """Run a deltalake call; re-raise the source's own error, else a typed one naming the table and path."""
