@@ -37,3 +37,20 @@ class SchemaMismatchError(TerminalError):
 
 class ConfigError(TerminalError):
     """A setting is missing or has a value that cannot work; the message names the setting and the fix."""
+
+
+class QueryError(TerminalError):
+    """The server refused or failed the query (bad SQL, unknown table, non-incremental streaming SQL...).
+
+    ``code`` is the gRPC status name (``INVALID_ARGUMENT``, ``NOT_FOUND``, ``INTERNAL``...) and
+    ``server_message`` the server's own words.
+    """
+
+    def __init__(self, message: str, code: str = "UNKNOWN", server_message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.server_message = server_message
+
+
+class AuthenticationError(TerminalError):
+    """The server rejected the credentials (UNAUTHENTICATED or PERMISSION_DENIED)."""
