@@ -14,10 +14,11 @@ The data's Arrow schema is kept in the table property ``amp_dagster.arrow-schema
 to it, so uint64, ``timestamp[ns, +00:00]`` and ``list<item>`` come back exactly as they went in.
 
 Writes: batches are cast to the table's types and cut into chunks of ``chunk_rows`` rows. Each chunk becomes one
-Parquet file, written on pyiceberg's thread pool while the next chunk is read (at most ``in_flight`` chunks in
-memory). All files of one call go into ONE fast-append snapshot, committed in ONE transaction with any delete it
-needs (``Transaction.append`` would be simpler, but it makes one snapshot per call, and for a reader it submits
-every file of the stream to its executor at once, so memory is not bounded). Per call:
+Parquet file, written on pyiceberg's thread pool while the next chunk is read (``in_flight`` chunks being written,
+one being gathered). All files of one call go into ONE fast-append snapshot, committed in ONE transaction with any
+delete it needs. (``Transaction.append`` of a reader also makes one snapshot, but it submits every file of the
+stream to its executor at once, so memory is not bounded; one ``append`` per chunk bounds memory but makes one
+snapshot per chunk, and each snapshot costs a manifest and a manifest list.) Per call:
 
 - ``write``: one APPEND snapshot; with ``replace`` first ``Transaction.delete`` of the range (whole files are
   dropped, partly matching files rewritten): up to three snapshots, one commit. ``delete`` is that alone.
@@ -27,9 +28,10 @@ every file of the stream to its executor at once, so memory is not bounded). Per
   read, anti-joined with the keys in Arrow and rewritten; the rewrites and the new rows form one OVERWRITE
   snapshot per chunk; one commit.
 
-A namespace is one level: TableRef.namespace is passed as a one-element tuple (the SQL catalog treats a dot in it
-as a level separator, like Iceberg's JDBC catalog). Table directories are derived from sanitised names plus a
-hash, so no identifier becomes a path. Filters are pyiceberg expression objects, never strings.
+Identifiers are ``(namespace, name)`` tuples, never split by us; the SQL catalog itself reads a dot in a namespace
+as a level separator (like Iceberg's JDBC catalog), so ``"a.b"`` is nested and an empty level is refused. Table
+directories are sanitised names plus a hash, so no identifier becomes a path. Filters are pyiceberg expression
+objects, never strings.
 
 pyiceberg 0.12 drops the nulls of ``list<struct>`` columns (they become ``[]``) when it projects arrays, on write
 and on read (apache/iceberg-python#3833). Loading this loader patches that one method to re-apply the lost
@@ -140,6 +142,11 @@ class IcebergLoader(Loader):
         _keep_null_lists()
 
     # -- catalog and errors ----------------------------------------------------------------------------------
+
+    @property
+    def catalog(self) -> Any:
+        """The pyiceberg catalog (connected on first use), for time travel, history and maintenance."""
+        return self._catalog()
 
     def _catalog(self) -> Any:
         from pyiceberg.catalog import load_catalog
@@ -443,9 +450,10 @@ class IcebergLoader(Loader):
     def _commit(self, txn: Any, tbl: Any, tally: Tally, changed: bool) -> WriteResult:
         if not changed:
             return tally.result(commits=0, snapshots=0)
+        before = len(tbl.snapshots())  # the table object is updated in place by the commit
         committed = txn.commit_transaction()
         snapshot = committed.current_snapshot()
-        new = len(committed.snapshots()) - len(tbl.snapshots())
+        new = len(committed.snapshots()) - before
         return tally.result(commits=1, snapshots=new, snapshot_id=snapshot.snapshot_id if snapshot else None)
 
 
@@ -626,7 +634,13 @@ def _total(tbl: Any) -> int:
 
 
 def _ident(table: TableRef) -> tuple[str, str]:
-    return (table.namespace or DEFAULT_NAMESPACE, table.name)
+    namespace = table.namespace or DEFAULT_NAMESPACE
+    if any(not level.strip() for level in namespace.split(".")):  # checked only: the tuple keeps the string whole
+        raise TerminalError(
+            f"Iceberg namespace {namespace!r} has an empty level: Iceberg's SQL catalog reads each dot in a "
+            "namespace as a level separator. Use a namespace without leading, trailing or doubled dots."
+        )
+    return (namespace, table.name)
 
 
 def _directory(ident: tuple[str, ...]) -> str:

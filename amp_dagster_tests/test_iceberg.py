@@ -1,0 +1,276 @@
+"""Iceberg-specific behaviour: commits and snapshots per call, the type map at its edges, both SQL catalogs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from amp_dagster.errors import SchemaMismatchError, TerminalError
+from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.iceberg import IcebergLoader
+
+from . import data, services
+
+LOG_KEY = ("block_num", "log_index")
+SORT_LOGS = [("block_num", "ascending"), ("log_index", "ascending")]
+
+
+@pytest.fixture
+def loader(tmp_path):
+    with IcebergLoader(tmp_path / "warehouse", chunk_rows=500) as ice:
+        yield ice
+
+
+def _table(loader: IcebergLoader, ref: TableRef):
+    return loader.catalog.load_table((ref.namespace, ref.name))
+
+
+def _commits(loader: IcebergLoader, ref: TableRef) -> int:
+    """Catalog commits so far: every commit writes one metadata file and logs the previous one."""
+    return len(_table(loader, ref).metadata.metadata_log) + 1
+
+
+def _data_files(loader: IcebergLoader, ref: TableRef) -> set[str]:
+    root = Path(_table(loader, ref).location()) / "data"
+    return {p.name for p in root.iterdir()} if root.exists() else set()
+
+
+def test_one_commit_and_one_snapshot_per_write(loader):
+    ref = TableRef("logs", namespace="eth", key=LOG_KEY)
+    logs = data.logs(0, 199)  # ~5,500 rows: more than ten 500-row chunks
+    loader.ensure_table(ref, logs.schema)
+    commits = _commits(loader, ref)
+
+    result = loader.write(ref, data.in_batches(logs, 97))
+    assert (result.rows, result.commits, result.extra["snapshots"]) == (logs.num_rows, 1, 1)
+    tbl = _table(loader, ref)
+    assert _commits(loader, ref) == commits + 1
+    assert [s.summary.operation.value for s in tbl.snapshots()] == ["append"]
+    assert int(tbl.current_snapshot().summary["added-data-files"]) == pytest.approx(logs.num_rows / 500, abs=2)
+
+    # a range replace: deletes and the append, one commit
+    forked = data.logs(100, 199, seed=2)
+    result = loader.write(ref, data.in_batches(forked, 97), replace=RowRange(100, 199))
+    assert result.commits == 1 and _commits(loader, ref) == commits + 2
+    assert _table(loader, ref).current_snapshot().summary.operation.value == "append"
+    got = loader.read(ref).read_all()
+    want = pa.concat_tables([logs.filter(pc.less(logs["_block_num"], 100)), forked])
+    assert got.sort_by(SORT_LOGS).equals(want.sort_by(SORT_LOGS))
+
+
+def test_empty_writes_and_deletes_of_nothing_commit_nothing(loader):
+    ref = TableRef("logs", namespace="eth")
+    logs = data.logs(0, 9)
+    loader.ensure_table(ref, logs.schema)
+    loader.write(ref, logs)
+    commits = _commits(loader, ref)
+    assert loader.write(ref, logs.slice(0, 0)).commits == 0
+    assert loader.write(ref, logs.slice(0, 0), replace=RowRange(500, 600)).commits == 0
+    assert loader.delete(ref, RowRange(1_000)) == 0
+    assert _commits(loader, ref) == commits
+    assert loader.delete(ref, RowRange(5)) == logs.filter(pc.greater_equal(logs["_block_num"], 5)).num_rows
+
+
+def test_type_map_and_exact_round_trip(loader):
+    ref = TableRef("types", namespace="edge")
+    original = data.every_type()
+    loader.ensure_table(ref, original.schema)
+    loader.write(ref, original)
+    iceberg = {f.name: (str(f.field_type), f.required) for f in _table(loader, ref).schema().fields}
+    assert iceberg["_block_num"] == ("decimal(20, 0)", True)
+    assert iceberg["u64"][0] == "decimal(20, 0)" and iceberg["u32"][0] == "long" and iceberg["i32"][0] == "int"
+    assert iceberg["hash"][0] == "fixed[32]" and iceberg["address"][0] == "fixed[20]" and iceberg["blob"][0] == "binary"
+    assert iceberg["ts"][0] == "timestamptz" and iceberg["amount"][0] == "decimal(38, 0)"
+    assert iceberg["hashes"][0].startswith("list<fixed[32]>") and "struct<" in iceberg["access_list"][0]
+
+    # plain pyiceberg sees the exact values in Iceberg types
+    raw = _table(loader, ref).scan().to_arrow().sort_by("_block_num")
+    assert raw["u64"].to_pylist() == [Decimal(0), Decimal(data.UINT64_MAX), None, Decimal(2**63)]
+    assert raw["u32"].to_pylist() == [0, 2**32 - 1, None, 7]
+    assert raw["ts"].type == pa.timestamp("us", "UTC")
+
+    # and the loader gives the original Arrow types back, value for value
+    got = loader.read(ref).read_all().sort_by("_block_num")
+    assert got.schema == original.schema
+    assert got.equals(original)
+
+
+def test_a_null_list_of_structs_is_stored_as_null(loader):
+    """pyiceberg 0.12 writes it as [] (iceberg-python#3833); the file itself must hold the null."""
+    ref = TableRef("types", namespace="edge")
+    loader.ensure_table(ref, data.EVERY_TYPE)
+    loader.write(ref, data.every_type())
+    files = [task.file.file_path for task in _table(loader, ref).scan().plan_files()]
+    stored = pa.concat_tables([pq.read_table(f, columns=["_block_num", "access_list"]) for f in files])
+    by_block = dict(zip(stored["_block_num"].to_pylist(), stored["access_list"].to_pylist(), strict=True))
+    assert by_block[Decimal(2)] is None and by_block[Decimal(1)] == []
+
+
+def test_uint64_as_long_refuses_values_above_int64_max(tmp_path):
+    schema = pa.schema([pa.field("_block_num", pa.uint64(), nullable=False), pa.field("gas", pa.uint64())])
+    ref = TableRef("blocks", namespace="edge")
+    with IcebergLoader(tmp_path / "w", uint64="long") as loader:
+        loader.ensure_table(ref, schema)
+        assert str(_table(loader, ref).schema().find_field("gas").field_type) == "long"
+        fits = pa.table({"_block_num": [1], "gas": [2**63 - 1]}, schema=schema)
+        loader.write(ref, fits)
+        with pytest.raises(TerminalError, match=r"'gas' holds 9223372036854775808.*uint64=\"decimal\""):
+            loader.write(ref, pa.table({"_block_num": [2], "gas": [2**63]}, schema=schema))
+        assert loader.read(ref).read_all().equals(fits)
+
+
+def test_nanoseconds_fail_unless_truncation_is_asked_for(tmp_path):
+    ts = pa.timestamp("ns", tz="+00:00")
+    schema = pa.schema([pa.field("_block_num", pa.uint64()), pa.field("at", ts)])
+    whole = pa.table({"_block_num": [1], "at": pa.array([1_700_000_000_123_456_000], ts)}, schema=schema)
+    sub = pa.table({"_block_num": [2], "at": pa.array([1_700_000_000_123_456_789], ts)}, schema=schema)
+    ref = TableRef("times", namespace="edge")
+    with IcebergLoader(tmp_path / "w") as loader:
+        loader.ensure_table(ref, schema)
+        loader.write(ref, whole)
+        with pytest.raises(TerminalError, match=r"'at' has nanoseconds.*truncate_timestamps=True"):
+            loader.write(ref, sub)
+        assert loader.read(ref).read_all().equals(whole)
+    with IcebergLoader(tmp_path / "w", truncate_timestamps=True) as loader:
+        loader.write(ref, sub)
+        got = loader.read(ref, RowRange(2, 2)).read_all()
+        assert got["at"].type == ts and got["at"].cast(pa.int64()).to_pylist() == [1_700_000_000_123_456_000]
+
+
+def test_schema_evolution_then_a_full_refresh_in_a_new_shape(loader):
+    ref = TableRef("logs", namespace="eth", key=LOG_KEY)
+    logs = data.logs(0, 9)
+    loader.ensure_table(ref, logs.schema)
+    loader.write(ref, logs)
+    wider = logs.append_column(pa.field("note", pa.string()), pa.array(["n"] * logs.num_rows))
+    loader.ensure_table(ref, wider.schema)
+    assert not _table(loader, ref).schema().find_field("note").required
+    first = _table(loader, ref).current_snapshot().snapshot_id
+
+    # a full refresh whose columns changed type, went away and appeared: one commit, old snapshot kept
+    reshaped = wider.drop_columns(["topic3"])
+    reshaped = reshaped.set_column(
+        reshaped.schema.get_field_index("data"), pa.field("data", pa.string(), False), pa.array(["d"] * logs.num_rows)
+    )
+    reshaped = reshaped.append_column(pa.field("extra", pa.int32(), False), pa.array([7] * logs.num_rows, pa.int32()))
+    commits = _commits(loader, ref)
+    assert loader.replace_table(ref, data.in_batches(reshaped, 50)).commits == 1
+    assert _commits(loader, ref) == commits + 1
+    got = loader.read(ref).read_all()
+    assert got.schema == reshaped.schema
+    assert got.sort_by(SORT_LOGS).equals(reshaped.sort_by(SORT_LOGS))
+    old = _table(loader, ref).scan(snapshot_id=first).to_arrow()
+    assert old.num_rows == logs.num_rows and "topic3" in old.column_names
+    binary = reshaped.set_column(reshaped.schema.get_field_index("data"), logs.schema.field("data"), logs["data"])
+    with pytest.raises(SchemaMismatchError, match="'data' is string in the table but binary in the data"):
+        loader.write(ref, binary)
+
+
+def test_a_failed_write_leaves_no_snapshot_and_no_files(loader):
+    ref = TableRef("logs", namespace="eth")
+    logs = data.logs(0, 99)
+    loader.ensure_table(ref, logs.schema)
+    loader.write(ref, logs.slice(0, 100))
+    files, snapshots = _data_files(loader, ref), len(_table(loader, ref).snapshots())
+
+    def dying():
+        yield from logs.to_batches(max_chunksize=300)[:6]  # several 500-row files written by then
+        raise RuntimeError("the source failed mid-write")
+
+    for attempt in (loader.write, loader.replace_table):
+        with pytest.raises(RuntimeError, match="mid-write"):
+            attempt(ref, pa.RecordBatchReader.from_batches(logs.schema, dying()))
+    assert _data_files(loader, ref) == files
+    assert len(_table(loader, ref).snapshots()) == snapshots
+    assert loader.read(ref).read_all().equals(logs.slice(0, 100))
+
+
+def test_upsert_across_chunks_keeps_the_last_row_of_each_key(loader):
+    ref = TableRef("logs", namespace="eth", key=LOG_KEY)
+    logs = data.logs(0, 49)  # ~1,400 rows: three chunks of 500
+    loader.ensure_table(ref, logs.schema)
+    loader.write(ref, logs)
+    first, last = logs.slice(0, 10), logs.slice(0, 10)
+    first = first.set_column(12, logs.schema.field("data"), pa.array([b"first"] * 10))
+    last = last.set_column(12, logs.schema.field("data"), pa.array([b"last"] * 10))
+    batches = [*first.to_batches(), *logs.slice(10, 990).to_batches(max_chunksize=500), *last.to_batches()]
+    result = loader.upsert(ref, pa.RecordBatchReader.from_batches(logs.schema, batches))
+    assert result.commits == 1
+    got = loader.read(ref).read_all().sort_by(SORT_LOGS)
+    assert got.num_rows == logs.num_rows
+    assert got["data"].to_pylist()[:10] == [b"last"] * 10
+    assert got.slice(10).equals(logs.sort_by(SORT_LOGS).slice(10))
+
+
+def test_identifiers_never_become_paths(tmp_path):
+    ref = TableRef("../../escape; rm -rf /", namespace="ns/'\"; --")
+    rows = pa.table({"_block_num": pa.array([1, 2], pa.uint64()), "v": ["a", "b"]})
+    with IcebergLoader(tmp_path / "warehouse") as loader:
+        loader.ensure_table(ref, rows.schema)
+        loader.write(ref, rows)
+        assert loader.read(ref).read_all().equals(rows)
+        assert loader.catalog.list_tables((ref.namespace,)) == [(ref.namespace, ref.name)]
+        # a dot nests namespaces in Iceberg's SQL catalog; an empty level is refused before anything is created
+        nested = TableRef("t.with.dots", namespace="eth.mainnet")
+        loader.ensure_table(nested, rows.schema)
+        loader.write(nested, rows)
+        assert loader.catalog.list_tables(("eth", "mainnet")) == [("eth", "mainnet", "t.with.dots")]
+        with pytest.raises(TerminalError, match=r"namespace '\.\./up' has an empty level"):
+            loader.ensure_table(TableRef("t", namespace="../up"), rows.schema)
+    assert sorted(os.listdir(tmp_path)) == ["warehouse"]
+    assert sorted(os.listdir(tmp_path / "warehouse")) == ["catalog.db", "eth_mainnet.db", "ns_--.db"]
+
+
+def test_catalog_properties_instead_of_a_warehouse(tmp_path):
+    (tmp_path / "w").mkdir()
+    props = {"type": "sql", "uri": f"sqlite:///{tmp_path / 'cat.db'}", "warehouse": str(tmp_path / "w")}
+    ref = TableRef("items", range_column="cursor")
+    with IcebergLoader(catalog=props) as loader:
+        loader.ensure_table(ref, data.cursor_rows(0, 1).schema)
+        loader.write(ref, data.cursor_rows(0, 10))
+        assert loader.catalog.list_tables(("default",)) == [("default", "items")]
+    with IcebergLoader(catalog=props) as again:
+        assert again.read(ref, RowRange(5)).read_all().equals(data.cursor_rows(5, 5))
+
+
+@pytest.fixture
+def pg_catalog():
+    services.require_postgres()
+    name = f"amp_t_{uuid.uuid4().hex[:10]}"  # SQL catalogs keep catalogs apart by name in shared tables
+    yield name
+    with psycopg.connect(services.POSTGRES_DSN, autocommit=True) as conn:
+        for table in ("iceberg_tables", "iceberg_namespace_properties"):
+            conn.execute(f"DELETE FROM {table} WHERE catalog_name = %s", (name,))
+
+
+def test_postgresql_catalog_end_to_end(tmp_path, pg_catalog):
+    ref = TableRef("logs", namespace="eth", key=LOG_KEY)
+    logs, forked = data.logs(0, 59), data.logs(20, 39, seed=2)
+    with IcebergLoader(tmp_path / "w", uri=services.POSTGRES_DSN, name=pg_catalog) as loader:
+        loader.ensure_table(ref, logs.schema)
+        loader.write(ref, data.in_batches(logs, 100))
+        loader.write(ref, forked, replace=RowRange(20, 39))
+        assert loader.delete(ref, RowRange(50)) == logs.filter(pc.greater_equal(logs["_block_num"], 50)).num_rows
+        changed = data.logs(45, 54)
+        changed = changed.set_column(12, logs.schema.field("data"), pa.array([b"changed"] * changed.num_rows))
+        loader.upsert(ref, changed)
+    with psycopg.connect(services.POSTGRES_DSN) as conn:
+        rows = conn.execute(
+            "SELECT table_namespace, table_name FROM iceberg_tables WHERE catalog_name = %s", (pg_catalog,)
+        ).fetchall()
+    assert rows == [("eth", "logs")]
+    block = logs["_block_num"]
+    keep = pc.or_(pc.less(block, 20), pc.and_(pc.greater(block, 39), pc.less(block, 45)))
+    want = pa.concat_tables([logs.filter(keep), forked, changed]).sort_by(SORT_LOGS)
+    with IcebergLoader(tmp_path / "w", uri=services.POSTGRES_DSN, name=pg_catalog) as fresh:
+        assert fresh.read(ref).read_all().sort_by(SORT_LOGS).equals(want)
+        fresh.replace_table(ref, data.logs(0, 4))
+        assert fresh.read(ref).read_all().sort_by(SORT_LOGS).equals(data.logs(0, 4).sort_by(SORT_LOGS))
