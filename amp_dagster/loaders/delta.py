@@ -20,9 +20,9 @@ Type map (Arrow → the Arrow type handed to deltalake → Delta):
 Each Delta field keeps its original Arrow field in its metadata (key ``amp_dagster.arrow_field``), written with the
 schema in the same commit, so :meth:`DeltaLoader.read` casts every column back to its exact original type.
 
-Streaming: ``write_deltalake`` pulls a RecordBatchReader batch by batch. Measured peak RSS for amp ``logs``: 0.92 GB
-at 1M rows, 1.01 GB at 4M, 1.15 GB at 10M (bounded by its ~100 MB target file size, not by the input), so each
-call streams its whole input into exactly one commit.
+Streaming: ``write_deltalake`` pulls a RecordBatchReader batch by batch. Peak RSS of one ``write`` of amp ``logs``
+(bench_delta): 1.03 GB at 1M rows, 1.11 GB at 4M, 1.35 GB at 10M, 1.27 GB at 20M: bounded by deltalake's parquet
+buffers (~100 MB target files), not by the input. So each call streams its whole input into exactly one commit.
 
 Predicates are DataFusion SQL: column names are double-quoted with ``"`` doubled, values are integers only
 (:class:`RowRange` guarantees it). Replace-range, delete and full refresh are each one atomic commit; a failed
