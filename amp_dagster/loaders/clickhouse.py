@@ -25,8 +25,13 @@ returns), then inserts: ClickHouse has no multi-statement transactions, so this 
 leaves exactly one copy. ``replace_table`` fills a staging table and swaps it in with ``EXCHANGE TABLES``; a failed
 write drops the staging table and leaves the old one untouched.
 
+Identifiers are always backquoted with the driver's ``escape_str`` (its ``quote_identifier`` passes a name that
+already looks quoted, like ```x```, through unchanged); values are bound server-side (``{lo:UInt64}``), except the
+table COMMENT, which DDL takes only as a literal (the driver's ``format_str``).
+
 chdb hosts one engine path per process: clients on the same path share its data, and a different path can only be
-opened once every client of the first one is closed (a :class:`ConfigError` says so).
+opened once every client of the first one is closed (a :class:`ConfigError` says so). chdb materialises Arrow query
+results (``read()`` streams only over HTTP) and spools each INSERT to a temp file before running it.
 """
 
 from __future__ import annotations
@@ -68,24 +73,10 @@ _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TRANSIENT_CODES = {159, 202, 203, 209, 210, 241, 242, 252, 285, 319, 473, 999}
 _INSERT_SETTINGS = {"async_insert": 0}  # a synchronous insert: the rows are committed when the call returns
 _READ_SETTINGS = {"output_format_arrow_string_as_string": 0, "output_format_arrow_compression_method": "none"}
-_SCALARS = {
-    pa.bool_(): "Bool",
-    pa.int8(): "Int8",
-    pa.int16(): "Int16",
-    pa.int32(): "Int32",
-    pa.int64(): "Int64",
-    pa.uint8(): "UInt8",
-    pa.uint16(): "UInt16",
-    pa.uint32(): "UInt32",
-    pa.uint64(): "UInt64",
-    pa.float32(): "Float32",
-    pa.float64(): "Float64",
-    pa.string(): "String",
-    pa.large_string(): "String",
-    pa.binary(): "String",
-    pa.large_binary(): "String",
-    pa.date32(): "Date32",
-}
+_SCALARS = {pa.bool_(): "Bool", pa.float32(): "Float32", pa.float64(): "Float64", pa.date32(): "Date32"}
+_INTEGERS = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
+_SCALARS.update({getattr(pa, name.lower())(): name for name in _INTEGERS})
+_SCALARS.update(dict.fromkeys([pa.string(), pa.large_string(), pa.binary(), pa.large_binary()], "String"))
 # Arrow types ClickHouse's Arrow reader does not take, and what they are sent as
 _SEND_AS = {
     pa.float16(): pa.float32(),
@@ -164,26 +155,16 @@ class ClickHouseLoader(Loader):
             if self._conn is None:
                 import clickhouse_connect
 
-                def connect():
-                    return clickhouse_connect.get_client(**{k: v for k, v in self._args.items() if v not in (None, "")})
-
+                args = {k: v for k, v in self._args.items() if v not in (None, "")}
                 try:
                     self._conn = retry_call(
-                        connect, self._retry, _is_transient, f"connecting to ClickHouse {self.where}"
+                        lambda: clickhouse_connect.get_client(**args),
+                        self._retry,
+                        _is_transient,
+                        f"connecting to ClickHouse {self.where}",
                     )
                 except Exception as exc:
-                    if "EmbeddedServer already initialized" in str(exc):
-                        raise ConfigError(
-                            f"ClickHouse {self.where}: chdb already runs an engine on another path in this process "
-                            f"({self._scrub(exc)}). Use one chdb path per process, or close its clients first."
-                        ) from None
-                    if _is_transient(exc):
-                        raise ServiceUnavailableError(
-                            f"ClickHouse at {self.where} is unreachable after {self._retry.attempts} attempts: "
-                            f"{self._scrub(exc)}. Check that the server runs and the host, port and credentials "
-                            "are right."
-                        ) from None
-                    raise self._translate(exc, None) from None
+                    raise self._translate(exc, None, connecting=True) from None
             return self._conn
 
     def _run(self, fn, table: TableRef | None, what: str, *, retry: bool = True):
@@ -208,11 +189,20 @@ class ClickHouseLoader(Loader):
         text = str(exc).strip()
         return text.replace(self._secret, "***") if self._secret else text
 
-    def _translate(self, exc: Exception, table: TableRef | None) -> Exception:
-        where = f"ClickHouse {self.where}" + (f" table {table}" if table else "")
+    def _translate(self, exc: Exception, table: TableRef | None, connecting: bool = False) -> Exception:
+        text, where = self._scrub(exc), f"ClickHouse {self.where}" + (f" table {table}" if table else "")
+        if connecting and self._chdb:
+            return ConfigError(
+                f"{where}: chdb cannot open its engine ({text}). chdb runs one engine path per process: use one "
+                "path, or close every client of the other path first."
+            )
         if _is_transient(exc) and getattr(exc, "code", None) is None:
-            return ServiceUnavailableError(f"{where}: the server is unreachable: {self._scrub(exc)}")
-        return (TransientError if _is_transient(exc) else TerminalError)(f"{where}: {self._scrub(exc)}")
+            tries = f" after {self._retry.attempts} attempts" if connecting else ""
+            return ServiceUnavailableError(
+                f"ClickHouse at {self.where} is unreachable{tries}: {text}. Check that the server runs and that the "
+                "host, port and credentials are right."
+            )
+        return (TransientError if _is_transient(exc) else TerminalError)(f"{where}: {text}")
 
     def close(self) -> None:
         with self._lock:
