@@ -246,6 +246,17 @@ def test_upsert_in_several_merges_keeps_the_last_row(tmp_path):
     assert got["data"].to_pylist() == [b"first"] * 30 + [b"last"] * 10
 
 
+def test_upsert_with_hostile_column_names(loader):
+    key, value = 'k`ey "1"; --', "va`l'ue"
+    table = TableRef("t", range_column=key, key=(key,))
+    rows = pa.table({key: pa.array(range(5), pa.uint32()), value: pa.array(["old"] * 5)})
+    loader.ensure_table(table, rows.schema)
+    loader.write(table, rows)
+    loader.upsert(table, pa.table({key: pa.array([1, 9], pa.uint32()), value: ["new", "added"]}))
+    got = loader.read(table).read_all().sort_by(key)
+    assert got.to_pydict() == {key: [0, 1, 2, 3, 4, 9], value: ["old", "new", "old", "old", "old", "added"]}
+
+
 # -- paths ---------------------------------------------------------------------------------------------------
 
 HOSTILE = ["..", ".", "../../escape", "/etc/passwd", "a/b", "%2e%2e", "~7E", "we\"ird'; --", "tåble ✓", ""]

@@ -266,14 +266,15 @@ class DeltaLoader(Loader):
         dt = self._require(table)
         target = self._checked(table, dt, schema)
         predicate = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in key)
+        # not when_matched_update_all: it quotes names with backticks unescaped, so a backtick in a name breaks it
+        updates = {f"t.{_quote(n)}": f"s.{_quote(n)}" for n in target.names}
+        inserts = {_quote(n): f"s.{_quote(n)}" for n in target.names}
         tally, errors, commits = Tally(), [], 0
         # merging in chunks keeps memory bounded; later chunks merge after earlier ones, so the last row still wins
         for chunk in _chunks(_feed(tally.count(batches), self._converter(table, target), errors), self._merge_rows):
             source = _last_per_key(pa.Table.from_batches(chunk, target), key)
             merger = dt.merge(source, predicate, source_alias="s", target_alias="t")
-            self._call(
-                table, "upsert", lambda m=merger: m.when_matched_update_all().when_not_matched_insert_all().execute()
-            )
+            self._call(table, "upsert", merger.when_matched_update(updates).when_not_matched_insert(inserts).execute)
             commits += 1
         return tally.result(commits=commits)
 
