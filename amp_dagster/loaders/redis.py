@@ -83,7 +83,7 @@ _DROP = """local function drop(area, lo, hi, limit)
 end
 """
 DROP = _DROP + "return drop(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]))"
-# delete the range from the live area, then move every staged row in (RENAME keeps each row's TTL)
+# delete the range from the live area, move every staged row in (RENAME keeps its TTL), unlist the stage
 MOVE = (
     _DROP
     + """local n = drop(KEYS[1], ARGV[1], ARGV[2], math.huge)
@@ -99,9 +99,10 @@ while true do
   redis.call('ZADD', KEYS[1], unpack(add))
   redis.call('ZREM', KEYS[2], unpack(rem))
 end
+redis.call('HDEL', KEYS[3], ARGV[3])
 return n"""
 )
-# XDEL the range, then set the stream's last ID back to its top entry so the range can be appended again
+# XDEL the range, then set the stream's last ID back to its top entry so that the range can be appended again
 XDROP = """local n = 0
 while true do
   local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', 1000)
@@ -115,21 +116,30 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('XSETID', KEYS[1], top[1] and top[1][1] or '0-0')
 end
 return n"""
-# rows by index rank, as one flat list of field values (the range column first: absent = the row expired)
-READ = """local out = {}
-for _, k in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])) do
+# reads answer one page as two strings, all values and their int32 lengths (-1 = null), so Python parses
+# no value one by one
+_PUT = """local vals, lens = {}, {}
+local function put(v) vals[#vals + 1] = v or ''; lens[#lens + 1] = struct.pack('<i4', v and #v or -1) end
+"""
+# rows by index rank (the range column first: absent means the row expired)
+READ = (
+    _PUT
+    + """for _, k in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])) do
   local v = redis.call('HMGET', KEYS[1] .. ':' .. k, unpack(ARGV, 3))
-  if v[1] then for _, x in ipairs(v) do out[#out + 1] = x end end
+  if v[1] then for i = 1, #ARGV - 2 do put(v[i]) end end
 end
-return out"""
-XREAD = """local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
-local out = {#e > 0 and e[#e][1] or ''}
+return {table.concat(vals), table.concat(lens)}"""
+)
+XREAD = (
+    _PUT
+    + """local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
 for _, x in ipairs(e) do
   local row = {}
   for i = 1, #x[2], 2 do row[x[2][i]] = x[2][i + 1] end
-  for i = 4, #ARGV do out[#out + 1] = row[ARGV[i]] or false end
+  for i = 4, #ARGV do put(row[ARGV[i]]) end
 end
-return out"""
+return {table.concat(vals), table.concat(lens), #e > 0 and e[#e][1] or ''}"""
+)
 
 
 def _b(value: bytes) -> pa.Scalar:
@@ -218,15 +228,15 @@ class RedisLoader(Loader):
 
         def update(pipe) -> None:
             meta = pipe.hgetall(meta_key)
-            if meta:
+            if b"schema" in meta:
                 stored = self._stored(table, meta)
                 added = compare_columns(self.store, table, _types(stored), _incoming(schema), can_add=True)
                 schema_ = pa.schema([*stored, *(schema.field(name) for name in added)])
                 pipe.multi()
                 pipe.hset(meta_key, "schema", schema_.serialize().to_pybytes())
-            else:
+            else:  # the seq counter may exist from a failed first replace_table: keep counting from it
                 pipe.multi()
-                pipe.hset(meta_key, mapping={**self._fields(table, schema), "live": b"g0", "seq": 0})
+                pipe.hset(meta_key, mapping={**self._fields(table, schema), "live": b"g0"})
 
         self._call(lambda: self._client.transaction(update, meta_key), table)
 
@@ -252,15 +262,13 @@ class RedisLoader(Loader):
             self._send(self._write(table, live), batches)
         else:
             stage = self._stage(table, lambda w: self._send(w, batches))
-            live_key, stage_key = self._key(table, live), self._key(table, stage)
-            args = _bounds(replace)
-            self._call(lambda: self._client.eval(MOVE, 2, live_key, stage_key, *args), table)
-            self._call(lambda: self._client.hdel(self._key(table, "meta"), b"stage:" + stage), table)
+            keys = self._key(table, live), self._key(table, stage), self._key(table, "meta")
+            self._call(lambda: self._client.eval(MOVE, 3, *keys, *_bounds(replace), b"stage:" + stage), table)
         return tally.result()
 
     def delete(self, table: TableRef, rows: RowRange) -> int:
         meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
-        if not meta:
+        if b"live" not in meta:
             return 0
         area = self._key(table, meta[b"live"])
         if meta[b"form"] == b"stream":
@@ -283,6 +291,7 @@ class RedisLoader(Loader):
         old = [meta.get(b"live")] + [f[6:] for f in meta if f.startswith(b"stage:")]  # crashed stages go too
         for area in filter(None, old):
             self._drop_area(table, area, meta[b"form"] == b"stream")
+            self._call(lambda a=area: self._client.hdel(meta_key, b"stage:" + a), table)
         return tally.result()
 
     def upsert(self, table: TableRef, data: ArrowData) -> WriteResult:
@@ -308,8 +317,9 @@ class RedisLoader(Loader):
         pages = (self._stream_pages if meta[b"form"] == b"stream" else self._hash_pages)(table, area, rows, fields)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            for flat in pages:
-                columns = [_decode(pa.array(flat[i :: len(fields)], pa.binary()), f.type) for i, f in enumerate(order)]
+            for values, lengths, *_ in pages:
+                flat, k = _unpack(values, lengths), len(fields)
+                columns = [_decode(flat.take(np.arange(i, len(flat), k)), f.type) for i, f in enumerate(order)]
                 yield pa.RecordBatch.from_arrays(columns, schema=order).select(schema.names)
 
         return pa.RecordBatchReader.from_batches(schema, batches())
@@ -335,7 +345,7 @@ class RedisLoader(Loader):
 
     def _meta(self, table: TableRef) -> dict[bytes, bytes]:
         meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
-        if not meta:
+        if b"schema" not in meta:
             raise TerminalError(
                 f"Redis {self.where}: table {table} does not exist. Call ensure_table(table, schema) first."
             )
@@ -412,11 +422,11 @@ class RedisLoader(Loader):
     def _stream_pages(self, table: TableRef, area: bytes, rows: RowRange | None, fields: list) -> Iterator[list]:
         start, end = (str(rows.start), "+" if rows.end is None else str(rows.end)) if rows else ("-", "+")
         while True:
-            flat = self._call(lambda s=start: self._client.eval(XREAD, 1, area, s, end, 10_000, *fields), table)
-            if not flat[0]:
+            page = self._call(lambda s=start: self._client.eval(XREAD, 1, area, s, end, 10_000, *fields), table)
+            if not page[2]:
                 return
-            start = b"(" + flat[0]
-            yield flat[1:]
+            start = b"(" + page[2]
+            yield page
 
     # -- the write path: whole columns → RESP → one raw pipelined socket -------------------------------------
 
@@ -618,6 +628,16 @@ def _bulk(values: pa.Array, before: bytes = b"") -> pa.Array:
     """``<before>$<len>\\r\\n<value>\\r\\n`` per value (a RESP bulk string); null where the value is null."""
     length = pc.binary_length(values).cast(pa.string()).cast(pa.binary())
     return pc.binary_join_element_wise(_b(before + b"$"), length, CRLF, values, CRLF, EMPTY)
+
+
+def _unpack(values: bytes, lengths: bytes) -> pa.Array:
+    """A page of values from the read scripts as one binary array."""
+    sizes = np.frombuffer(lengths, "<i4")
+    offsets = np.zeros(len(sizes) + 1, np.int32)
+    np.cumsum(np.maximum(sizes, 0), out=offsets[1:])
+    valid = sizes >= 0
+    mask = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(pa.binary(), len(sizes), [mask, pa.py_buffer(offsets), pa.py_buffer(values)])
 
 
 def _payload(a: pa.Array) -> pa.Buffer:
