@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from decimal import Decimal
 
 import pyarrow as pa
@@ -11,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
-from amp_dagster.errors import ConfigError, SchemaMismatchError, TerminalError
+from amp_dagster.errors import ConfigError, SchemaMismatchError, TerminalError, TransientError
 from amp_dagster.loaders.base import RowRange, TableRef
 from amp_dagster.loaders.delta import DeltaLoader, decode_name, encode_name
 
@@ -94,6 +95,33 @@ def test_a_failed_write_commits_nothing_and_raises_the_source_error(loader):
         loader.write(table, data.in_batches(logs, 10), replace=RowRange(0, 5))
     assert _version(loader, table) == 1
     assert loader.read(table).read_all().num_rows == 100
+
+
+def test_a_concurrent_commit_is_a_transient_error_and_ours_commits_nothing(loader):
+    table = TableRef("logs", key=LOG_KEY)
+    logs = data.logs(0, 99)
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, logs)
+    head = logs.filter(pc.less(logs["_block_num"], 50))
+
+    def racing():
+        batches = head.to_batches(max_chunksize=50)
+        yield batches[0]
+        # another writer deletes in the range meanwhile; from its own thread, as deltalake pulls this source on a
+        # tokio worker that must not start deltalake calls itself
+        other = threading.Thread(target=DeltaLoader(loader.base_dir).delete, args=(table, RowRange(10, 19)))
+        other.start()
+        other.join()
+        yield from batches[1:]
+
+    with pytest.raises(TransientError, match=r"concurrent commit.*Retry"):
+        loader.write(table, pa.RecordBatchReader.from_batches(logs.schema, racing()), replace=RowRange(0, 49))
+    block = loader.read(table).read_all()["_block_num"]
+    assert (
+        pc.count(block).as_py()
+        == logs.num_rows - pc.sum(pc.is_in(logs["_block_num"], pa.array(range(10, 20), pa.uint64()))).as_py()
+    )
+    assert _version(loader, table) == 2  # create, first write, the other delete: ours did not commit
 
 
 # -- types ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ schema in the same commit, so :meth:`DeltaLoader.read` casts every column back t
 Streaming: ``write_deltalake`` pulls a RecordBatchReader batch by batch. Peak RSS of one ``write`` of amp ``logs``
 (bench_delta): 1.03 GB at 1M rows, 1.11 GB at 4M, 1.35 GB at 10M, 1.27 GB at 20M: bounded by deltalake's parquet
 buffers (~100 MB target files), not by the input. So each call streams its whole input into exactly one commit.
+deltalake pulls the source on a tokio worker thread: a source must not call deltalake itself (it panics: "Cannot
+start a runtime from within a runtime"), and its exceptions come back as text, so the loader keeps and re-raises
+the source's own exception.
 
 Predicates are DataFusion SQL: column names are double-quoted with ``"`` doubled, values are integers only
 (:class:`RowRange` guarantees it). Replace-range, delete and full refresh are each one atomic commit; a failed
