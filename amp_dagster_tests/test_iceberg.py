@@ -114,19 +114,6 @@ def test_a_null_list_of_structs_is_stored_as_null(loader):
     assert by_block[Decimal(2)] is None and by_block[Decimal(1)] == []
 
 
-def test_uint64_as_long_refuses_values_above_int64_max(tmp_path):
-    schema = pa.schema([pa.field("_block_num", pa.uint64(), nullable=False), pa.field("gas", pa.uint64())])
-    ref = TableRef("blocks", namespace="edge")
-    with IcebergLoader(tmp_path / "w", uint64="long") as loader:
-        loader.ensure_table(ref, schema)
-        assert str(_table(loader, ref).schema().find_field("gas").field_type) == "long"
-        fits = pa.table({"_block_num": [1], "gas": [2**63 - 1]}, schema=schema)
-        loader.write(ref, fits)
-        with pytest.raises(TerminalError, match=r"'gas' holds 9223372036854775808.*uint64=\"decimal\""):
-            loader.write(ref, pa.table({"_block_num": [2], "gas": [2**63]}, schema=schema))
-        assert loader.read(ref).read_all().equals(fits)
-
-
 def test_nanoseconds_fail_unless_truncation_is_asked_for(tmp_path):
     ts = pa.timestamp("ns", tz="+00:00")
     schema = pa.schema([pa.field("_block_num", pa.uint64()), pa.field("at", ts)])

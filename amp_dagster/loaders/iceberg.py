@@ -2,8 +2,7 @@
 
 Type map (Arrow → Iceberg; Iceberg has no unsigned types and, in format v2, microsecond timestamps):
 
-- ``uint64`` → ``decimal(20, 0)``, exact up to 2^64-1 (default), or ``long`` with ``uint64="long"``, which fails
-  naming the column on a value above 2^63-1 rather than wrapping it;
+- ``uint64`` → ``decimal(20, 0)``, exact up to 2^64-1 (``long`` would wrap above 2^63-1);
 - ``uint32`` → ``long``; ``uint8``/``uint16``/``int8``/``int16`` → ``int``; ``float16`` → ``float``;
 - ``timestamp[*, tz]`` → ``timestamptz`` (any zone: the instant is kept), ``timestamp[*]`` → ``timestamp``. A
   nanosecond value that is not a whole microsecond fails naming the column unless ``truncate_timestamps=True``;
@@ -22,8 +21,11 @@ snapshot per chunk, and each snapshot costs a manifest and a manifest list.) Per
 
 - ``write``: one APPEND snapshot; with ``replace`` first ``Transaction.delete`` of the range (whole files are
   dropped, partly matching files rewritten): up to three snapshots, one commit. ``delete`` is that alone.
-- ``replace_table``: delete everything, reshape the schema if it changed, append: one commit. A failure before the
-  commit leaves the previous snapshot current, and the files written so far are removed.
+- ``replace_table``: delete everything, reshape the schema if it changed (columns whose type changed are dropped
+  and added again), append: two snapshots, one commit.
+
+Nothing is visible before the commit: a failure leaves the previous snapshot current, and the data files this
+loader wrote are removed (the few metadata files of a staged delete are left to orphan-file cleanup).
 - ``upsert``: per chunk, the last row of each key wins; files that may hold those keys (by column metrics) are
   read, anti-joined with the keys in Arrow and rewritten; the rewrites and the new rows form one OVERWRITE
   snapshot per chunk; one commit.
@@ -34,7 +36,7 @@ directories are sanitised names plus a hash, so no identifier becomes a path. Fi
 objects, never strings.
 
 pyiceberg 0.12 drops the nulls of ``list<struct>`` columns (they become ``[]``) when it projects arrays, on write
-and on read (apache/iceberg-python#3833). Loading this loader patches that one method to re-apply the lost
+and on read (apache/iceberg-python#3833). Creating a loader patches that one method to re-apply the lost
 nulls; the patch does nothing once pyiceberg keeps them itself.
 """
 
@@ -51,7 +53,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -116,14 +118,11 @@ class IcebergLoader(Loader):
         uri: str | None = None,
         catalog: dict[str, str] | None = None,
         name: str = "amp",
-        uint64: Literal["decimal", "long"] = "decimal",
         truncate_timestamps: bool = False,
         chunk_rows: int = 262_144,
         in_flight: int = 2,
         retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
-        if uint64 not in ("decimal", "long"):
-            raise TerminalError(f'IcebergLoader uint64 must be "decimal" or "long", got {uint64!r}')
         if catalog is None:
             if warehouse is None:
                 raise TerminalError("IcebergLoader needs a warehouse directory, or a catalog=... configuration")
@@ -131,11 +130,16 @@ class IcebergLoader(Loader):
             root.mkdir(parents=True, exist_ok=True)
             catalog = {"type": "sql", "uri": uri or f"sqlite:///{root / 'catalog.db'}", "warehouse": str(root)}
         self._props = {k: str(v) for k, v in catalog.items()}
-        if "uri" in self._props:
-            self._props["uri"] = _with_connect_timeout(self._props["uri"])
-        self._secrets = _secrets(self._props)
-        self.where = _where(self._props)
-        self._name, self._uint64, self._truncate = name, uint64, truncate_timestamps
+        self._secrets = [v for k, v in self._props.items() if v and re.search("password|secret|token|credent", k, re.I)]
+        self.where = self._props.get("uri") or self._props.get("type", "catalog")
+        url = _sql_url(self.where)
+        if url is not None:
+            self.where = f"{url.host}:{url.port or 5432}/{url.database}" if url.host else f"sqlite:{url.database}"
+            self._secrets += [url.password] if url.password else []
+            if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+                # libpq waits for a host that does not answer for minutes by default
+                self._props["uri"] = url.update_query_dict({"connect_timeout": "10"}).render_as_string(False)
+        self._name, self._truncate = name, truncate_timestamps
         self._chunk_rows, self._in_flight, self._retry = max(1, chunk_rows), max(1, in_flight), retry
         self._lock = threading.Lock()
         self._catalog_obj: Any = None
@@ -289,24 +293,24 @@ class IcebergLoader(Loader):
             return self._commit(txn, tbl, tally, changed=tally.rows > 0)
 
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
+        from pyiceberg.io.pyarrow import ArrowScan
+
         tbl = self._load(table)
+        native, stored = _arrow(tbl.schema()), _stored_schema(tbl) or pa.schema([])
+        names = [n for n in stored.names if n in native.names] + [n for n in native.names if n not in stored.names]
+        target = pa.schema([stored.field(n) if n in stored.names else native.field(n) for n in names])
         with self._errors(table):
-            scan = tbl.scan(row_filter=_range_filter(tbl, table, rows) if rows else _always())
-            reader = scan.to_arrow_batch_reader()
-        stored = _stored_schema(tbl)
-        names = [n for n in (stored.names if stored else []) if n in reader.schema.names]
-        names += [n for n in reader.schema.names if n not in names]
-        target = pa.schema(
-            [stored.field(n) if stored is not None and n in stored.names else reader.schema.field(n) for n in names]
-        )
+            scan = tbl.scan(row_filter=_range_filter(table, rows) if rows else _always())
+            tasks, files = list(scan.plan_files()), ArrowScan(tbl.metadata, tbl.io, tbl.schema(), scan.row_filter)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            for batch in reader:
-                columns = [batch.column(f.name) for f in target]
-                yield pa.RecordBatch.from_arrays(
-                    [c if c.type == f.type else c.cast(f.type) for c, f in zip(columns, target, strict=True)],
-                    schema=target,
-                )
+            for task in tasks:  # file by file: pyiceberg's own reader submits every file to its pool at once
+                for batch in files.to_record_batches([task]):
+                    columns = [batch.column(f.name) for f in target]
+                    yield pa.RecordBatch.from_arrays(
+                        [c if c.type == f.type else c.cast(f.type) for c, f in zip(columns, target, strict=True)],
+                        schema=target,
+                    )
 
         return pa.RecordBatchReader.from_batches(target, batches())
 
@@ -348,7 +352,7 @@ class IcebergLoader(Loader):
                 return None
 
     def _compare(self, tbl: Any, table: TableRef, schema: pa.Schema, can_add: bool) -> list[str]:
-        existing = {f.name: _text(_ready(f.type, f.name, "long")) for f in _arrow(tbl.schema())}
+        existing = {f.name: _text(_ready(f.type, f.name)) for f in _arrow(tbl.schema())}
         incoming = {f.name: (_text(self._ready_field(f).type), f.nullable) for f in schema}
         return compare_columns(self.store, table, existing, incoming, can_add)
 
@@ -359,7 +363,7 @@ class IcebergLoader(Loader):
         return _arrow(tbl.schema())
 
     def _ready_field(self, field: pa.Field) -> pa.Field:
-        return pa.field(field.name, _ready(field.type, field.name, self._uint64), field.nullable)
+        return pa.field(field.name, _ready(field.type, field.name), field.nullable)
 
     def _chunks(self, batches: Iterable[pa.RecordBatch], table: TableRef, target: pa.Schema):
         """Batches cast to the table's types, grouped into lists of about ``chunk_rows`` rows."""
@@ -380,7 +384,7 @@ class IcebergLoader(Loader):
         for field in target:
             column = batch.column(field.name)
             if column.type != field.type:
-                # safe casts catch uint64 > 2^63-1 into long and nanoseconds into microseconds
+                # a safe cast refuses to drop nanoseconds (or to overflow) instead of doing it silently
                 safe = not (self._truncate and (pa.types.is_timestamp(column.type) or pa.types.is_time(column.type)))
                 try:
                     column = column.cast(field.type, safe=safe)
@@ -439,7 +443,7 @@ class IcebergLoader(Loader):
 
     def _delete(self, txn: Any, tbl: Any, table: TableRef, rows: RowRange) -> bool:
         """Stage the deletion of a range; False when no data file can hold a row of it (nothing staged)."""
-        expr = _range_filter(tbl, table, rows)
+        expr = _range_filter(table, rows)
         if not any(True for _ in tbl.scan(row_filter=expr).plan_files()):
             return False
         with warnings.catch_warnings():
@@ -460,12 +464,12 @@ class IcebergLoader(Loader):
 # -- types ------------------------------------------------------------------------------------------------------
 
 
-def _ready(t: pa.DataType, name: str, uint64: str) -> pa.DataType:
+def _ready(t: pa.DataType, name: str) -> pa.DataType:
     """The Arrow type that Iceberg stores ``t`` as (the map in the module docstring)."""
     if pa.types.is_dictionary(t):
-        return _ready(t.value_type, name, uint64)
+        return _ready(t.value_type, name)
     if pa.types.is_uint64(t):
-        return pa.decimal128(20, 0) if uint64 == "decimal" else pa.int64()
+        return pa.decimal128(20, 0)
     if pa.types.is_uint32(t):
         return pa.int64()
     if pa.types.is_integer(t) and t.bit_width <= 16:
@@ -486,14 +490,12 @@ def _ready(t: pa.DataType, name: str, uint64: str) -> pa.DataType:
         return pa.binary()
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_list_view(t):
         item = t.value_field
-        return pa.list_(pa.field("element", _ready(item.type, name, uint64), item.nullable))
+        return pa.list_(pa.field("element", _ready(item.type, name), item.nullable))
     if pa.types.is_struct(t):
-        return pa.struct([pa.field(f.name, _ready(f.type, name, uint64), f.nullable) for f in t])
+        return pa.struct([pa.field(f.name, _ready(f.type, name), f.nullable) for f in t])
     if pa.types.is_map(t):
         item = t.item_field
-        return pa.map_(
-            _ready(t.key_type, name, uint64), pa.field("value", _ready(item.type, name, uint64), item.nullable)
-        )
+        return pa.map_(_ready(t.key_type, name), pa.field("value", _ready(item.type, name), item.nullable))
     if t in _PRIMITIVES or pa.types.is_fixed_size_binary(t):
         return t
     raise TerminalError(
@@ -533,7 +535,7 @@ def _reshape(txn: Any, ready: pa.Schema) -> None:
         f.name
         for f in current
         if ready.get_field_index(f.name) < 0
-        or _text(_ready(f.type, f.name, "long")) != _text(ready.field(f.name).type)
+        or _text(_ready(f.type, f.name)) != _text(ready.field(f.name).type)
         or f.nullable != ready.field(f.name).nullable
     ]
     add = [f for f in ready if f.name in drop or current.get_field_index(f.name) < 0]
@@ -552,11 +554,6 @@ def _cast_message(table: TableRef, name: str, column: pa.Array, exc: Exception) 
         return (
             f"{where} has nanoseconds that Iceberg (microsecond precision) would drop. Round it in the query, "
             "or pass truncate_timestamps=True to truncate to microseconds."
-        )
-    if pa.types.is_uint64(column.type):
-        return (
-            f"{where} holds {pc.max(column).as_py()}, above long's maximum 9223372036854775807. "
-            'Use IcebergLoader(uint64="decimal") to store uint64 exactly as decimal(20, 0).'
         )
     return f"{where} ({column.type}) does not fit the table's type: {exc}. Cast it in the query."
 
@@ -581,22 +578,12 @@ def _always() -> Any:
     return AlwaysTrue()
 
 
-def _literal(tbl: Any, column: str, value: int) -> Any:
-    from decimal import Decimal
-
-    from pyiceberg.types import DecimalType
-
-    return Decimal(value) if isinstance(tbl.schema().find_field(column).field_type, DecimalType) else value
-
-
-def _range_filter(tbl: Any, table: TableRef, rows: RowRange) -> Any:
+def _range_filter(table: TableRef, rows: RowRange) -> Any:
     from pyiceberg.expressions import And, GreaterThanOrEqual, LessThanOrEqual, Reference
 
-    column = Reference(table.range_column)
-    expr = GreaterThanOrEqual(column, _literal(tbl, table.range_column, rows.start))
-    if rows.end is not None:
-        expr = And(expr, LessThanOrEqual(column, _literal(tbl, table.range_column, rows.end)))
-    return expr
+    # plain ints bind to long and to decimal(20, 0) columns alike, up to 2^64-1
+    expr = GreaterThanOrEqual(Reference(table.range_column), rows.start)
+    return expr if rows.end is None else And(expr, LessThanOrEqual(Reference(table.range_column), rows.end))
 
 
 def _key_bounds(rows: pa.Table, key: list[str]) -> Any:
@@ -650,40 +637,15 @@ def _directory(ident: tuple[str, ...]) -> str:
     return f"{parts[0]}.db/{parts[1]}-{digest}"
 
 
-def _with_connect_timeout(uri: str) -> str:
-    """PostgreSQL catalogs fail fast on a host that does not answer (libpq waits forever by default)."""
-    if not uri.startswith("postgresql") or "connect_timeout" in uri:
-        return uri
-    return uri + ("&" if "?" in uri else "?") + "connect_timeout=10"
+def _sql_url(uri: str) -> Any:
+    """The SQLAlchemy URL of a SQL catalog's ``uri``; None for other catalogs."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-
-def _where(props: dict[str, str]) -> str:
-    uri = props.get("uri", "")
     try:
-        from sqlalchemy.engine import make_url
-
-        url = make_url(uri)
-        if url.drivername.startswith("sqlite"):
-            return f"sqlite:{url.database}"
-        return f"{url.host}:{url.port or 5432}/{url.database or ''}"
-    except Exception:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(uri)
-        return f"{parts.hostname}:{parts.port}" if parts.hostname else props.get("type", "catalog")
-
-
-def _secrets(props: dict[str, str]) -> list[str]:
-    found = [v for k, v in props.items() if v and re.search("password|secret|token|credential", k, re.I)]
-    try:
-        from sqlalchemy.engine import make_url
-
-        password = make_url(props.get("uri", "")).password
-        if password:
-            found.append(str(password))
-    except Exception:
-        pass
-    return found
+        return make_url(uri)
+    except ArgumentError:
+        return None
 
 
 def _is_transient(exc: BaseException) -> bool:
