@@ -427,9 +427,9 @@ def _range_sql(table: TableRef, rows: RowRange | None) -> tuple[str, dict]:
     if rows is None:
         return "", {}
     clause = f" WHERE {_id(table.range_column)} >= {{lo:UInt64}}"
-    if rows.end is not None:
-        clause += f" AND {_id(table.range_column)} <= {{hi:UInt64}}"
-    return clause, {"lo": rows.start, "hi": rows.end}
+    if rows.end is None:
+        return clause, {"lo": rows.start}
+    return f"{clause} AND {_id(table.range_column)} <= {{hi:UInt64}}", {"lo": rows.start, "hi": rows.end}
 
 
 def _ipc_stream(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch], limit: int) -> Iterator[bytes]:
