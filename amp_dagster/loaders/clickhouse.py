@@ -10,8 +10,8 @@ COMMENT): signed/unsigned integers → ``Int8..Int64``/``UInt8..UInt64`` (uint64
 → ``FixedString(n)``; ``decimal(p,s)`` → ``Decimal(p, s)``; ``timestamp[unit, tz]`` → ``DateTime64(0|3|6|9, 'UTC')``
 (the tz comes back from the stored schema); ``date32/64`` → ``Date32``; lists → ``Array``; structs → named
 ``Tuple``. Nullable fields are ``Nullable(...)``. ClickHouse has no ``Nullable(Array)``, so a nullable list is kept
-as ``Nullable(Tuple(v Array(...)))`` and unwrapped on read (nullable tuples need ClickHouse 26.x, where
-``enable_nullable_tuple_type`` is on). Maps, times, durations and nulls are refused with the column named.
+as ``Nullable(Tuple(v Array(...)))`` and unwrapped on read (nullable tuples need a recent server: tested on 26.9,
+where ``enable_nullable_tuple_type`` is on). Maps, times, durations and nulls are refused with the column named.
 
 Engine: a table with ``TableRef.key`` is a ``ReplacingMergeTree ORDER BY key`` (so ``upsert`` is an insert and the
 last row inserted for a key wins), read and counted with ``FINAL``; without a key, ``MergeTree ORDER BY`` the range
