@@ -40,6 +40,7 @@ import json
 import select
 import socket
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -150,7 +151,7 @@ def _arg(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-CRLF, EMPTY = _b(b"\r\n"), _b(b"")
+EMPTY = _b(b"")
 
 
 @dataclass
@@ -432,16 +433,26 @@ class RedisLoader(Loader):
 
     def _send(self, w: _Write, batches: Iterable[pa.RecordBatch]) -> None:
         sock = self._socket(w.table)
-        lines, state = 0, _Replies()
+        lines, state, sending = 0, _Replies(), None
+
+        def push(buffers: list) -> None:
+            for buffer in buffers:
+                sock.sendall(buffer)
+            state.drain(sock, None)
+
+        # one thread sends chunk i (the GIL is released in sendall) while this one frames chunk i+1, so the
+        # server never waits for the encoder; at most two chunks are in memory
         try:
-            for batch in batches:
-                _guard(w, batch)
-                for start in range(0, batch.num_rows, CHUNK):
-                    buffers, expect = _frame(w, batch.slice(start, CHUNK))
-                    for buffer in buffers:
-                        sock.sendall(buffer)
-                    lines += expect
-                    state.drain(sock, None)
+            with ThreadPoolExecutor(1, thread_name_prefix="amp-redis-send") as pool:
+                for batch in batches:
+                    _guard(w, batch)
+                    for start in range(0, batch.num_rows, CHUNK):
+                        buffers, expect = _frame(w, batch.slice(start, CHUNK))
+                        if sending is not None:
+                            sending.result()
+                        sending, lines = pool.submit(push, buffers), lines + expect
+                if sending is not None:
+                    sending.result()
             while state.lines < lines:
                 state.drain(sock, self._timeouts[1])
         except OSError as exc:
@@ -624,10 +635,31 @@ def _key_text(a: pa.Array) -> pa.Array:
     return pc.replace_substring(text, ":", "%3A").cast(pa.binary())
 
 
-def _bulk(values: pa.Array, before: bytes = b"") -> pa.Array:
-    """``<before>$<len>\\r\\n<value>\\r\\n`` per value (a RESP bulk string); null where the value is null."""
-    length = pc.binary_length(values).cast(pa.string()).cast(pa.binary())
-    return pc.binary_join_element_wise(_b(before + b"$"), length, CRLF, values, CRLF, EMPTY)
+def _join(*parts: bytes | pa.Array, nulls: str = "skip") -> pa.Array:
+    """Concatenate per row: bytes are constants (adjacent ones merged into one), arrays give one value a row."""
+    merged: list = []
+    for part in parts:
+        if isinstance(part, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += part
+        else:
+            merged.append(part)
+    scalars = (_b(p) if isinstance(p, bytes) else p for p in merged)
+    return pc.binary_join_element_wise(*scalars, EMPTY, null_handling=nulls)
+
+
+def _bulk(column: pa.Array, before: bytes = b"") -> list:
+    """``before`` then each value as a RESP bulk string (``$<len>\r\n<value>\r\n``), as parts for _join.
+
+    A column with nulls comes back as one joined array that is null where the value is, so that a row's join
+    leaves the field out whole; fixed-size bytes get a constant length prefix.
+    """
+    values = _encode(column)
+    if pa.types.is_fixed_size_binary(column.type):
+        parts = [before + b"$%d\r\n" % column.type.byte_width, values, b"\r\n"]
+    else:
+        length = pc.binary_length(values).cast(pa.string()).cast(pa.binary())
+        parts = [before + b"$", length, b"\r\n", values, b"\r\n"]
+    return [_join(*parts, nulls="emit_null")] if values.null_count else parts
 
 
 def _unpack(values: bytes, lengths: bytes) -> pa.Array:
@@ -650,41 +682,40 @@ def _payload(a: pa.Array) -> pa.Buffer:
 
 def _frame(w: _Write, batch: pa.RecordBatch) -> tuple[list, int]:
     """A chunk of rows as RESP buffers ready to send, and how many reply lines they will produce."""
-    n, names = batch.num_rows, batch.schema.names
+    n = batch.num_rows
     ranges = _encode(batch.column(w.table.range_column))
     if w.table.key:
         members = pc.binary_join_element_wise(*(_key_text(batch.column(k)) for k in w.table.key), _b(b":"))
     else:
         numbers = pa.array(np.arange(w.rows, w.rows + n)).cast(pa.string()).cast(pa.binary())
-        members = pc.binary_join_element_wise(ranges, _b(b"%d" % w.number), numbers, _b(b":"))
+        members = _join(ranges, b":%d:" % w.number, numbers)
     w.rows += n
-    values = [_encode(c) for c in batch.columns]
-    fields = [_bulk(v, _arg(name.encode())) for v, name in zip(values, names, strict=True)]
-    nulls = [pc.cast(pc.is_null(v), pa.int64()) for v in values if v.null_count]
-    base = (2 if w.form == "hash" else 3) + 2 * len(values)
+    fields, nulls = [], []
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        fields += _bulk(column, _arg(name.encode()))
+        if column.null_count:
+            nulls.append(pc.cast(pc.is_null(column), pa.int64()))
+    base = (2 if w.form == "hash" else 3) + 2 * batch.num_columns
     verb = b"$4\r\nHSET\r\n" if w.form == "hash" else b"$4\r\nXADD\r\n" + _arg(w.area)
-    if nulls:
+    if nulls:  # the argument count differs per row
         count = pc.subtract(base, pc.multiply(2, functools.reduce(pc.add, nulls)))
-        head = pc.binary_join_element_wise(
-            _b(b"*"), count.cast(pa.string()).cast(pa.binary()), _b(b"\r\n" + verb), EMPTY
-        )
+        head = [b"*", count.cast(pa.string()).cast(pa.binary()), b"\r\n" + verb]
     else:
-        head = _b(b"*%d\r\n" % base + verb)
+        head = [b"*%d\r\n" % base + verb]
     if w.form == "stream":
-        ids = _bulk(pc.binary_join_element_wise(ranges, _b(b"-*"), EMPTY))
-        rows = pc.binary_join_element_wise(head, ids, *fields, EMPTY, null_handling="skip")
+        rows = _join(*head, *_bulk(_join(ranges, b"-*")), *fields)
         expire = [b"*3\r\n$6\r\nEXPIRE\r\n" + _arg(w.area) + _arg(b"%d" % w.ttl)] if w.ttl else []
         return [_payload(rows), *expire], 2 * n + len(expire)
-    keys = _bulk(pc.binary_join_element_wise(_b(w.area + b":"), members, EMPTY))
-    parts = [head, keys, *fields]
+    keys = _bulk(_join(w.area + b":", members))
+    parts = [*head, *keys, *fields]
     if w.upsert:  # a row replaced by key must lose the fields it no longer has
-        parts = [_b(b"*2\r\n$3\r\nDEL\r\n"), keys, *parts]
+        parts = [b"*2\r\n$3\r\nDEL\r\n", *keys, *parts]
     if w.ttl:
-        parts += [_b(b"*3\r\n$6\r\nEXPIRE\r\n"), keys, _b(_arg(b"%d" % w.ttl))]
-    rows = pc.binary_join_element_wise(*parts, EMPTY, null_handling="skip")
+        parts += [b"*3\r\n$6\r\nEXPIRE\r\n", *keys, _arg(b"%d" % w.ttl)]
+    rows = _join(*parts)
     # the index goes first: an index entry whose row never arrived is skipped by reads and removed by deletes,
     # while a row without an index entry could never be deleted by range
-    pairs = pc.binary_join_element_wise(_bulk(ranges), _bulk(members), EMPTY)
+    pairs = _join(*_bulk(ranges), *_bulk(members))
     zadd = b"*%d\r\n$4\r\nZADD\r\n" % (2 + 2 * n) + _arg(w.area)
     return [zadd, _payload(pairs), _payload(rows)], 1 + n * (1 + w.upsert + bool(w.ttl))
 
@@ -736,7 +767,7 @@ def _from_json(v: pa.Array, t: pa.DataType) -> pa.Array:
 
     if not len(v):
         return pa.array([], t)
-    lines = pc.binary_join_element_wise(_b(b'{"v":'), pc.fill_null(v, _b(b"null")), _b(b"}\n"), EMPTY)
+    lines = _join(b'{"v":', pc.fill_null(v, _b(b"null")), b"}\n")
     text = _payload(lines)
     parsed = pj.read_json(
         pa.BufferReader(text),
