@@ -157,8 +157,7 @@ def _encode_struct(node: _Node, arrays: Sequence[pa.Array], n: int) -> tuple[np.
         headers.append(header)
         if payload is not None:
             payloads.append(payload)
-    header = np.concatenate(headers, axis=1) if headers else np.zeros((n, 0), np.uint8)
-    return header, (_join(payloads) if payloads else None)
+    return _hstack(headers, n), (_join(payloads) if payloads else None)
 
 
 def _encode_list(node: _Node, array: pa.Array) -> tuple[np.ndarray, pa.LargeBinaryArray]:
@@ -185,7 +184,7 @@ def _decode(node: _Node, header: np.ndarray, buf: np.ndarray, starts: np.ndarray
     n = len(header)
     validity = None if valid is None or valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
     if node.kind == "fixed":
-        array = pa.Array.from_buffers(node.arrow, n, [validity, pa.py_buffer(np.ascontiguousarray(header))])
+        array = pa.Array.from_buffers(node.arrow, n, [validity, pa.py_buffer(_packed(header))])
     elif node.kind == "bool":
         bits = pa.py_buffer(np.packbits(header[:, 0] != 0, bitorder="little"))
         array = pa.Array.from_buffers(node.arrow, n, [validity, bits])
@@ -281,7 +280,7 @@ def ordered_keys(arrays: Sequence[pa.Array], names: Sequence[str]) -> pa.LargeBi
             )
         parts.append(_ordered(array.cast(array.type.value_type) if pa.types.is_dictionary(array.type) else array, name))
     if all(isinstance(p, np.ndarray) for p in parts):
-        return _matrix_values(np.concatenate(parts, axis=1))
+        return _matrix_values(_hstack(parts, len(parts[0])))
     return _join([_matrix_values(p) if isinstance(p, np.ndarray) else p for p in parts])
 
 
@@ -405,7 +404,24 @@ def _data(values: pa.LargeBinaryArray) -> np.ndarray:
 
 
 def _u32(header: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(header).view("<u4").reshape(-1).astype(np.int64)
+    return header.view("<u4").reshape(-1).astype(np.int64)
+
+
+def _packed(matrix: np.ndarray) -> np.ndarray:
+    """A contiguous copy of an (n, width) slice, one row-sized item at a time (a byte-wise copy is 4x slower)."""
+    return np.ascontiguousarray(matrix.view(f"V{matrix.shape[1]}") if matrix.shape[1] else matrix)
+
+
+def _hstack(parts: list[np.ndarray], n: int) -> np.ndarray:
+    """Matrices side by side, like ``np.concatenate(axis=1)`` but copying row-sized items rather than bytes."""
+    out = np.empty((n, sum(p.shape[1] for p in parts)), np.uint8)
+    at = 0
+    for part in parts:
+        width = part.shape[1]
+        if width:
+            out[:, at : at + width].view(f"V{width}")[:] = np.ascontiguousarray(part).view(f"V{width}")
+        at += width
+    return out
 
 
 def _int32_offsets(offsets: np.ndarray, node: _Node) -> np.ndarray:
@@ -425,9 +441,17 @@ def _take_rows(buf: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
 
 
 def _segments(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> pa.Buffer:
-    """The bytes at ``starts`` of ``lengths``, concatenated: a list view over the buffer, flattened by Arrow."""
+    """The bytes at ``starts`` of ``lengths``, concatenated.
+
+    The segments lie in order without overlapping (the layout is sequential), so they are the even values of a
+    binary array whose offsets alternate segment and gap, and Arrow's ``take`` copies them out value by value
+    (10x faster than flattening a list view of bytes).
+    """
     if len(starts) == 0 or not lengths.any():
         return pa.py_buffer(b"")
-    starts, lengths = pa.array(starts, pa.int64()), pa.array(lengths, pa.int64())
-    flat = pa.LargeListViewArray.from_arrays(starts, lengths, pa.array(buf)).flatten()
-    return flat.buffers()[1].slice(flat.offset, len(flat))
+    bounds = np.empty(2 * len(starts), np.int64)
+    bounds[0::2], bounds[1::2] = starts, starts + lengths
+    if (np.diff(bounds) < 0).any() or bounds[-1] > len(buf):
+        raise TerminalError("LMDB: a stored value is corrupt (its parts overlap or overrun it); rewrite the table")
+    spaced = pa.Array.from_buffers(pa.large_binary(), len(bounds) - 1, [None, pa.py_buffer(bounds), pa.py_buffer(buf)])
+    return spaced.take(pa.array(np.arange(0, len(bounds) - 1, 2))).buffers()[2]
