@@ -23,12 +23,13 @@ snapshot per chunk, and each snapshot costs a manifest and a manifest list.) Per
   dropped, partly matching files rewritten): up to three snapshots, one commit. ``delete`` is that alone.
 - ``replace_table``: delete everything, reshape the schema if it changed (columns whose type changed are dropped
   and added again), append: two snapshots, one commit.
-
-Nothing is visible before the commit: a failure leaves the previous snapshot current, and the data files this
-loader wrote are removed (the few metadata files of a staged delete are left to orphan-file cleanup).
 - ``upsert``: per chunk, the last row of each key wins; files that may hold those keys (by column metrics) are
   read, anti-joined with the keys in Arrow and rewritten; the rewrites and the new rows form one OVERWRITE
   snapshot per chunk; one commit.
+
+Nothing is visible before the commit: a failure leaves the previous snapshot current. The data files of the append
+that failed are removed; files rewritten by a staged delete or an earlier upsert chunk are left to orphan-file
+cleanup (pyiceberg 0.12 has no orphan-file removal yet; Spark's ``remove_orphan_files`` does it).
 
 Identifiers are ``(namespace, name)`` tuples, never split by us; the SQL catalog itself reads a dot in a namespace
 as a level separator (like Iceberg's JDBC catalog), so ``"a.b"`` is nested and an empty level is refused. Table
