@@ -65,7 +65,7 @@ from .base import (
     record_batches,
     require_columns,
 )
-from .rowcodec import RowCodec, check_key_type, from_values, iter_values, join, ordered_keys
+from .rowcodec import RowCodec, check_key_type, from_values, iter_values, ordered_keys
 
 CATALOG = b"amp_dagster:tables"
 _SCAN = 4096  # keys taken per cursor step of a range delete
@@ -90,8 +90,10 @@ class _Table:
     def indexed(self) -> bool:
         return bool(self.key) and self.key[0] != self.range_column
 
-    def range_keys(self, batch: pa.RecordBatch) -> pa.LargeBinaryArray:
-        return ordered_keys([batch.column(self.range_column)], [self.range_column])
+    def index_keys(self, batch: pa.RecordBatch) -> pa.LargeBinaryArray:
+        """Range value + row key: encodings concatenate, so this is the key of the columns (range, *key)."""
+        names = [self.range_column, *self.key]
+        return ordered_keys([batch.column(name) for name in names], names)
 
     def row_keys(self, batch: pa.RecordBatch, seq: int) -> pa.LargeBinaryArray:
         if self.key:
@@ -417,7 +419,7 @@ class LmdbLoader(Loader):
             if added < consumed:
                 raise self._duplicates(t, table, batch, keys, consumed - added)
             if t.indexed:
-                index.putmulti(zip(iter_values(join([t.range_keys(batch), keys])), repeat(b"")))
+                index.putmulti(zip(iter_values(t.index_keys(batch)), repeat(b"")))
         if seq != t.seq and not t.key:
             self._save(txn, table, t.schema, seq)
 
@@ -530,5 +532,4 @@ def _unindex(txn, t: _Table, rows, keys: pa.LargeBinaryArray) -> None:
     found = rows.getmulti(iter_values(keys))
     if found:
         old = t.codec.decode(from_values(list(map(itemgetter(1), found))))
-        stale = join([t.range_keys(old), from_values(list(map(itemgetter(0), found)))])
-        deque(map(partial(txn.delete, db=t.index), iter_values(stale)), maxlen=0)
+        deque(map(partial(txn.delete, db=t.index), iter_values(t.index_keys(old))), maxlen=0)

@@ -343,11 +343,6 @@ def from_values(values: Sequence[bytes]) -> pa.LargeBinaryArray:
     return pa.Array.from_buffers(pa.large_binary(), len(values), buffers)
 
 
-def join(arrays: Sequence[pa.LargeBinaryArray]) -> pa.LargeBinaryArray:
-    """Row-wise concatenation of large_binary arrays of equal length."""
-    return _join(arrays)
-
-
 def _join(arrays: Sequence[pa.LargeBinaryArray]) -> pa.LargeBinaryArray:
     return arrays[0] if len(arrays) == 1 else pc.binary_join_element_wise(*arrays, _EMPTY)
 
