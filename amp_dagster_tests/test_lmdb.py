@@ -423,3 +423,17 @@ def test_lmdb_itself_sees_the_committed_rows(loader):
         assert txn.stat(rows_db)["entries"] == logs.num_rows
         assert txn.stat(index_db)["entries"] == logs.num_rows
     assert isinstance(env, lmdb.Environment)
+
+
+def test_a_read_open_while_the_map_grows_fails_transiently_and_can_be_repeated(tmp_path):
+    table = TableRef("logs", key=LOG_KEY)
+    logs = data.logs(0, 20)
+    with LmdbLoader(tmp_path / "env", map_size=1024 * 1024, batch_rows=10) as small:
+        small.ensure_table(table, logs.schema)
+        small.write(table, logs)
+        batches = iter(small.read(table))
+        assert next(batches).num_rows == 10
+        small.write(table, data.logs(21, 600))  # grows the map
+        with pytest.raises(TransientError, match=r"grew the map while this read was open.*Read again"):
+            next(batches)
+        assert small.read(table).read_all().num_rows == logs.num_rows + data.logs(21, 600).num_rows

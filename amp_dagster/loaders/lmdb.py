@@ -39,6 +39,7 @@ import threading
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice, repeat
@@ -70,8 +71,19 @@ from .rowcodec import RowCodec, check_key_type, from_values, iter_values, ordere
 CATALOG = b"amp_dagster:tables"
 _SCAN = 4096  # keys taken per cursor step of a range delete
 
-_ENVS: dict[str, list] = {}  # path → [environment, loaders using it]
 _ENVS_LOCK = threading.Lock()
+
+
+@dataclass
+class _Shared:
+    """One open environment, shared by this process's loaders on its path (LMDB must not be opened twice)."""
+
+    env: lmdb.Environment
+    users: int = 0
+    growths: int = 0  # growing the map ends every read transaction open in this process
+
+
+_ENVS: dict[str, _Shared] = {}
 
 
 @dataclass(frozen=True)
@@ -130,7 +142,7 @@ class LmdbLoader(Loader):
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self._map_size, self._max_dbs, self._batch_rows = map_size, max_dbs, batch_rows
-        self._handle: lmdb.Environment | None = None
+        self._shared: _Shared | None = None
         self._catalog = None
         self._schemas: dict[bytes, tuple[pa.Schema, RowCodec]] = {}
 
@@ -201,15 +213,13 @@ class LmdbLoader(Loader):
         return self._writing(table, data, work).result()
 
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
-        txn = self._begin(write=False)
+        txn = self._begin(write=False)  # one snapshot for the whole read, released when the batches are done
         try:
-            t = self._load(txn, table, write=False)
+            with self._typed(table):
+                t = self._require(txn, table)
         except BaseException:
             txn.abort()
             raise
-        if t is None:
-            txn.abort()
-            raise TerminalError(f"LMDB at {self.path}: table {table} does not exist. Call ensure_table() first.")
         return pa.RecordBatchReader.from_batches(t.schema, self._decoded(txn, t, table, rows))
 
     def get(self, table: TableRef, keys: pa.Table | pa.RecordBatch) -> pa.Table:
@@ -217,7 +227,7 @@ class LmdbLoader(Loader):
         left out. ``keys`` needs the table's key columns and may hold others."""
         names = key_columns(table, self.store)
         keys = pa.Table.from_batches([keys]) if isinstance(keys, pa.RecordBatch) else keys
-        with self._begin(write=False) as txn:
+        with self._typed(table), self._begin(write=False) as txn:
             t = self._require(txn, table)
             missing = [k for k in names if keys.schema.get_field_index(k) < 0]
             if missing:
@@ -234,22 +244,21 @@ class LmdbLoader(Loader):
         return pa.Table.from_batches(found, schema=t.schema)
 
     def close(self) -> None:
-        if self._handle is not None:
+        if self._shared is not None:
             with _ENVS_LOCK:
-                entry = _ENVS[self.path]
-                entry[1] -= 1
-                if entry[1] == 0:
-                    entry[0].close()
+                self._shared.users -= 1
+                if self._shared.users == 0:
+                    self._shared.env.close()
                     del _ENVS[self.path]
-            self._handle = None
+            self._shared = None
 
     # -- transactions ---------------------------------------------------------------------------------------
 
     def _env(self) -> lmdb.Environment:
-        if self._handle is None:
+        if self._shared is None:
             with _ENVS_LOCK:
-                entry = _ENVS.get(self.path)
-                if entry is None:
+                shared = _ENVS.get(self.path)
+                if shared is None:
                     try:
                         os.makedirs(self.path, exist_ok=True)
                         env = lmdb.open(self.path, map_size=self._map_size, max_dbs=self._max_dbs)
@@ -259,19 +268,27 @@ class LmdbLoader(Loader):
                             f"LMDB: cannot open an environment at {self.path}: {exc}. Pass a path to a directory "
                             "that exists or can be created and that this process can write."
                         ) from None
-                    entry = _ENVS[self.path] = [env, 0]
-                entry[1] += 1
-            self._handle = entry[0]
-            self._catalog = self._handle.open_db(CATALOG)
-        return self._handle
+                    shared = _ENVS[self.path] = _Shared(env)
+                shared.users += 1
+            self._shared = shared
+            self._catalog = shared.env.open_db(CATALOG)
+        return self._shared.env
 
     def _begin(self, write: bool):
         env = self._env()
+        with self._typed(None):
+            try:
+                return env.begin(write=write)
+            except lmdb.MapResizedError:  # another process grew the map: adopt its size
+                env.set_mapsize(0)
+                return env.begin(write=write)
+
+    @contextmanager
+    def _typed(self, table: TableRef | None):
         try:
-            return env.begin(write=write)
-        except lmdb.MapResizedError:  # another process grew the map: adopt its size
-            env.set_mapsize(0)
-            return env.begin(write=write)
+            yield
+        except lmdb.Error as exc:
+            raise self._translate(exc, table) from None
 
     def _writing(self, table: TableRef, data: ArrowData | None, work: Callable) -> Any:
         """Run ``work(txn, schema, batches)`` in one write transaction: it all commits, or it all aborts."""
@@ -304,13 +321,17 @@ class LmdbLoader(Loader):
         info, page = env.info(), env.stat()["psize"]
         used = (info["last_pgno"] + 1) * page
         size = max(2 * info["map_size"], 2 * (used + 2 * hint))
-        env.set_mapsize(-(-size // page) * page)
+        try:  # fails while another thread of this process holds a write transaction
+            env.set_mapsize(-(-size // page) * page)
+            self._shared.growths += 1
+        except lmdb.Error as exc:
+            raise TransientError(f"LMDB at {self.path}: the map is full and could not grow now ({exc}).") from None
         if env.info()["map_size"] <= info["map_size"]:
             raise TerminalError(f"LMDB at {self.path}: the map is full at {info['map_size']:,} bytes and cannot grow")
         return info["map_size"], env.info()["map_size"]
 
-    def _translate(self, exc: lmdb.Error, table: TableRef) -> Exception:
-        where = f"LMDB at {self.path}, table {table}"
+    def _translate(self, exc: lmdb.Error, table: TableRef | None) -> Exception:
+        where = f"LMDB at {self.path}" + (f", table {table}" if table else "")
         if isinstance(exc, lmdb.BadValsizeError):
             return TerminalError(
                 f"{where}: a key is longer than LMDB's {self._env().max_key_size()}-byte limit ({exc}). Key the "
@@ -322,6 +343,7 @@ class LmdbLoader(Loader):
                 "Pass a larger max_dbs to LmdbLoader."
             )
         if isinstance(exc, lmdb.ReadersFullError | lmdb.MapResizedError | lmdb.InvalidError):
+            # InvalidError: this process grew the map (or closed the loader) while a read was open
             return TransientError(f"{where}: {exc}. Try again.")
         return TerminalError(f"{where}: {exc}")
 
@@ -459,13 +481,20 @@ class LmdbLoader(Loader):
         self._save(txn, table, wider, t.seq)
 
     def _decoded(self, txn, t: _Table, table: TableRef, rows: RowRange | None) -> Iterator[pa.RecordBatch]:
+        growths = self._shared.growths
         try:
             for values in _stored_values(txn, t, rows, self._batch_rows):
                 yield t.codec.decode(from_values(values))
         except lmdb.Error as exc:
+            if self._shared is not None and self._shared.growths != growths:
+                raise TransientError(
+                    f"LMDB at {self.path}, table {table}: a write grew the map while this read was open, which "
+                    "ends the read transactions of this process. Read again."
+                ) from None
             raise self._translate(exc, table) from None
         finally:
-            txn.abort()
+            with suppress(lmdb.Error):  # the environment may be closed already
+                txn.abort()
 
 
 def _delete_range(txn, t: _Table, rows: RowRange) -> int:
