@@ -437,3 +437,16 @@ def test_a_read_open_while_the_map_grows_fails_transiently_and_can_be_repeated(t
         with pytest.raises(TransientError, match=r"grew the map while this read was open.*Read again"):
             next(batches)
         assert small.read(table).read_all().num_rows == logs.num_rows + data.logs(21, 600).num_rows
+
+
+def test_ordered_batches_use_append_only_where_it_is_safe(loader):
+    """MDB_APPEND silently skips keys not above the last one: sorted data below or equal to it must still land."""
+    table = TableRef("logs", key=LOG_KEY)
+    high, low = data.logs(50, 99), data.logs(0, 49)
+    loader.ensure_table(table, high.schema)
+    loader.write(table, high)  # empty table, ordered keys: appended
+    loader.write(table, low)  # ordered, but below the last key
+    assert loader.read(table).read_all().num_rows == high.num_rows + low.num_rows
+    with pytest.raises(TerminalError, match="already holds"):
+        loader.write(table, high.slice(high.num_rows - 1))  # ordered, equal to the last key
+    assert _assert_index_consistent(loader, table) == high.num_rows + low.num_rows

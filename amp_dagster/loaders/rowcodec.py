@@ -334,6 +334,20 @@ def iter_values(values: pa.LargeBinaryArray) -> Iterator[memoryview]:
     return map(view.__getitem__, map(slice, offsets[:-1].tolist(), offsets[1:].tolist()))
 
 
+def strictly_increasing(values: pa.LargeBinaryArray) -> bool:
+    """Whether equal-width values are in strictly increasing byte order (False for mixed widths: not checked)."""
+    offsets = _offsets(values)
+    if len(values) < 2:
+        return True
+    width = offsets[1] - offsets[0]
+    if width == 0 or (np.diff(offsets) != width).any():
+        return False
+    rows = _data(values)[offsets[0] : offsets[-1]].reshape(-1, width)
+    differ = rows[1:] != rows[:-1]
+    first, pairs = differ.argmax(axis=1), np.arange(len(rows) - 1)  # the first byte where neighbours differ
+    return bool(differ[pairs, first].all() and (rows[1:][pairs, first] > rows[:-1][pairs, first]).all())
+
+
 def from_values(values: Sequence[bytes]) -> pa.LargeBinaryArray:
     """A large_binary array of byte strings (what py-lmdb returns), joined in C."""
     lengths = np.fromiter(map(len, values), np.int64, len(values))
