@@ -14,13 +14,14 @@ range column and row sequence. Each table has two named databases, ``rows:<ident
   O(log N + M). When the rows themselves are ordered by range (no key columns, or a key that starts with the range
   column) the index stays empty and the scan runs over the rows.
 
-Seams. ``write`` appends in one write transaction, after deleting ``replace``'s range in the same transaction;
-a key that already exists fails the write (like a primary key) and names the row. Batches whose keys are in order and
-beyond the last stored key (chain data, usually) go in with MDB_APPEND, which skips the B-tree search. ``replace_table`` empties both
-databases and writes in one transaction. ``upsert`` overwrites by key, keeping the last of repeated keys, and
-deletes the index entries of rows whose old version it replaces. ``read`` streams batches from one read
-snapshot; ``get`` looks rows up by key. An LMDB write transaction is atomic: any failure aborts it and leaves the
-previous content untouched, so every capability flag is true (new nullable columns rewrite the rows once).
+Seams. ``write`` appends in one write transaction, after deleting ``replace``'s range in the same transaction; a key
+that already exists fails the write (like a primary key) and names the row. Batches whose keys are in order and
+beyond the last stored key (chain data, usually) go in with MDB_APPEND, which skips the B-tree search.
+``replace_table`` empties both databases and writes in one transaction. ``upsert`` overwrites by key, keeping the
+last of repeated keys, and deletes the index entries of rows whose old version it replaces. ``read`` streams batches
+from one read snapshot; ``get`` looks rows up by key. An LMDB write transaction is atomic: any failure aborts it and
+leaves the previous content untouched, so every capability flag is true (new nullable columns rewrite the rows
+once).
 
 Map size. The map is virtual address space (the file grows only with data), so the default is 1 TiB. If it fills
 up anyway, the transaction aborts, the map doubles, and data already in memory (a Table or RecordBatch) is written
