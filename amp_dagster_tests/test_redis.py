@@ -230,6 +230,9 @@ def test_stream_form(store, client):
         loader.write(table, data.logs(5, 9), replace=RowRange(5, 9))
     with pytest.raises(NotSupportedError, match="not supported by Redis"):
         loader.upsert(store.table("logs", key=LOG_KEY), logs)
+    with pytest.raises(TerminalError, match=r"equal or smaller than the target stream top item.*range order"):
+        loader.write(table, data.logs(5, 9))  # an append below the top of the stream
+    assert loader.read(table).read_all().equals(logs)
     negative = pa.table({"cursor": pa.array([-1], pa.int64())})
     signed = store.table("signed", range_column="cursor")
     loader.ensure_table(signed, negative.schema)
@@ -260,3 +263,15 @@ def test_unsupported_types_and_keys_are_named(store):
         loader.ensure_table(store.table("lists", key=("k",)), nested_key)
     with pytest.raises(SchemaMismatchError, match="'nope'"):
         loader.ensure_table(store.table("nokey", key=("nope",)), data.logs(0, 0).schema)
+
+
+def test_a_refused_command_is_a_terminal_error_naming_it(store, client):
+    loader, table = store.loader(), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 4)
+    loader.ensure_table(table, logs.schema)
+    row = logs.slice(0, 1).to_pylist()[0]
+    client.set(_live(client, store) + b":%d:%d" % (row["block_num"], row["log_index"]), "not a hash")
+    with pytest.raises(TerminalError, match="WRONGTYPE"):
+        loader.write(table, logs)
+    loader.write(table, data.logs(5, 9))  # the loader's connection is still usable afterwards
+    assert loader.read(table, RowRange(5)).read_all().num_rows == data.logs(5, 9).num_rows

@@ -39,6 +39,7 @@ import functools
 import json
 import select
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -219,6 +220,7 @@ class RedisLoader(Loader):
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         )  # fmt: skip
         self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
 
     # -- the Loader seam ------------------------------------------------------------------------------------
 
@@ -243,8 +245,7 @@ class RedisLoader(Loader):
 
     def write(self, table: TableRef, data: ArrowData, *, replace: RowRange | None = None) -> WriteResult:
         schema, batches = record_batches(data)
-        meta = self._meta(table)
-        compare_columns(self.store, table, _types(self._stored(table, meta)), _incoming(schema), can_add=False)
+        meta = self._meta(table, schema)
         tally = Tally()
         batches = tally.count(check_in_range(batches, table, replace))
         live = meta[b"live"]
@@ -300,8 +301,7 @@ class RedisLoader(Loader):
         if self.form == "stream":
             return super().upsert(table, data)
         schema, batches = record_batches(data)
-        meta = self._meta(table)
-        compare_columns(self.store, table, _types(self._stored(table, meta)), _incoming(schema), can_add=False)
+        meta = self._meta(table, schema)
         tally = Tally()
         self._send(
             _Write(table, self._key(table, meta[b"live"]), "hash", upsert=True, ttl=self.ttl), tally.count(batches)
@@ -326,9 +326,7 @@ class RedisLoader(Loader):
         return pa.RecordBatchReader.from_batches(schema, batches())
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self._drop_socket()
         self._client.close()
 
     # -- keys and metadata ----------------------------------------------------------------------------------
@@ -344,12 +342,15 @@ class RedisLoader(Loader):
         key = json.dumps(list(table.key))
         return {"schema": schema.serialize().to_pybytes(), "form": self.form, "key": key, "range": table.range_column}
 
-    def _meta(self, table: TableRef) -> dict[bytes, bytes]:
+    def _meta(self, table: TableRef, data: pa.Schema | None = None) -> dict[bytes, bytes]:
+        """The table's metadata; with ``data``, checked to fit the table's columns."""
         meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
         if b"schema" not in meta:
             raise TerminalError(
                 f"Redis {self.where}: table {table} does not exist. Call ensure_table(table, schema) first."
             )
+        if data is not None:
+            compare_columns(self.store, table, _types(self._stored(table, meta)), _incoming(data), can_add=False)
         return meta
 
     def _stored(self, table: TableRef, meta: dict[bytes, bytes]) -> pa.Schema:
@@ -432,13 +433,17 @@ class RedisLoader(Loader):
     # -- the write path: whole columns → RESP → one raw pipelined socket -------------------------------------
 
     def _send(self, w: _Write, batches: Iterable[pa.RecordBatch]) -> None:
+        with self._lock:  # one raw socket per loader: writes from several threads take turns
+            self._send_locked(w, batches)
+
+    def _send_locked(self, w: _Write, batches: Iterable[pa.RecordBatch]) -> None:
         sock = self._socket(w.table)
-        lines, state, sending = 0, _Replies(), None
+        replies, state, sending = 0, _Replies(), None
 
         def push(buffers: list) -> None:
             for buffer in buffers:
                 sock.sendall(buffer)
-            state.drain(sock, None)
+            state.drain(sock, wait=False)
 
         # one thread sends chunk i (the GIL is released in sendall) while this one frames chunk i+1, so the
         # server never waits for the encoder; at most two chunks are in memory
@@ -450,11 +455,11 @@ class RedisLoader(Loader):
                         buffers, expect = _frame(w, batch.slice(start, CHUNK))
                         if sending is not None:
                             sending.result()
-                        sending, lines = pool.submit(push, buffers), lines + expect
+                        sending, replies = pool.submit(push, buffers), replies + expect
                 if sending is not None:
                     sending.result()
-            while state.lines < lines:
-                state.drain(sock, self._timeouts[1])
+            while state.count < replies:
+                state.drain(sock, wait=True)
         except OSError as exc:
             self._drop_socket()
             raise TransientError(
@@ -465,7 +470,11 @@ class RedisLoader(Loader):
             self._drop_socket()  # unread replies would confuse the next write on this socket
             raise
         if state.error:
-            raise TerminalError(f"Redis {self.where} table {w.table}: the server refused a command: {state.error}")
+            raise TerminalError(
+                f"Redis {self.where} table {w.table}: the server refused a command: {state.error}. Other rows of "
+                "the write may be stored. WRONGTYPE: a key of the table is used by other data; stream IDs: the "
+                "stream form appends in range order (delete from the first range to rewrite)."
+            )
 
     def _socket(self, table: TableRef) -> socket.socket:
         if self._sock is not None:
@@ -479,8 +488,8 @@ class RedisLoader(Loader):
             sock.settimeout(self._timeouts[1])
             sock.sendall(b"".join(b"*%d\r\n" % len(c) + b"".join(map(_arg, c)) for c in commands))
             replies = _Replies()
-            while replies.lines < len(commands):
-                replies.drain(sock, self._timeouts[1])
+            while replies.count < len(commands):
+                replies.drain(sock, wait=True)
             if replies.error:
                 sock.close()
                 raise TerminalError(f"Redis {self.where}: the server refused the login: {self._scrub(replies.error)}")
@@ -520,26 +529,28 @@ class RedisLoader(Loader):
 
 
 class _Replies:
-    """Counts RESP reply lines in bulk and keeps the first error line; no reply is parsed one by one.
+    """Counts RESP replies in bulk and keeps the first error; no reply is parsed one by one.
 
-    The commands sent (HSET, ZADD, DEL, EXPIRE, XADD, AUTH, SELECT) answer with integers, simple strings or a
-    bulk ID, and errors are single lines starting with ``-``: counting ``\\n`` counts replies exactly.
+    The commands sent (HSET, ZADD, DEL, EXPIRE, XADD, AUTH, SELECT) answer with an integer (``:``), a simple
+    string (``+``), an error (``-``) or a bulk stream ID (``$``, then a line starting with a digit), so every
+    reply, and only a reply, starts a line with one of ``:+-$``.
     """
 
     def __init__(self) -> None:
-        self.lines, self.error, self._last = 0, "", b"\n"
+        self.count, self.error, self._last = 0, "", b"\n"
 
-    def drain(self, sock: socket.socket, timeout: float | None) -> None:
-        """Read what has arrived; with ``timeout``, wait for at least one read."""
-        while timeout is not None or select.select([sock], [], [], 0)[0]:
+    def drain(self, sock: socket.socket, wait: bool) -> None:
+        """Read what has arrived; with ``wait``, block for at least one read (up to the socket's timeout)."""
+        while wait or select.select([sock], [], [], 0)[0]:
             data = sock.recv(1 << 20)
             if not data:
                 raise ConnectionResetError("the server closed the connection")
-            self.lines += data.count(b"\n")
-            at = (self._last + data).find(b"\n-")
+            seen = self._last + data
+            self.count += sum(seen.count(start) for start in (b"\n:", b"\n+", b"\n-", b"\n$"))
+            at = seen.find(b"\n-")
             if at >= 0 and not self.error:
-                self.error = (self._last + data)[at + 2 :].split(b"\r", 1)[0].decode(errors="replace")
-            self._last, timeout = data[-1:], None
+                self.error = seen[at + 2 :].split(b"\r", 1)[0].decode(errors="replace")
+            self._last, wait = data[-1:], False
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -681,7 +692,7 @@ def _payload(a: pa.Array) -> pa.Buffer:
 
 
 def _frame(w: _Write, batch: pa.RecordBatch) -> tuple[list, int]:
-    """A chunk of rows as RESP buffers ready to send, and how many reply lines they will produce."""
+    """A chunk of rows as RESP buffers ready to send, and how many replies they will produce."""
     n = batch.num_rows
     ranges = _encode(batch.column(w.table.range_column))
     if w.table.key:
@@ -705,7 +716,7 @@ def _frame(w: _Write, batch: pa.RecordBatch) -> tuple[list, int]:
     if w.form == "stream":
         rows = _join(*head, *_bulk(_join(ranges, b"-*")), *fields)
         expire = [b"*3\r\n$6\r\nEXPIRE\r\n" + _arg(w.area) + _arg(b"%d" % w.ttl)] if w.ttl else []
-        return [_payload(rows), *expire], 2 * n + len(expire)
+        return [_payload(rows), *expire], n + len(expire)
     keys = _bulk(_join(w.area + b":", members))
     parts = [*head, *keys, *fields]
     if w.upsert:  # a row replaced by key must lose the fields it no longer has
