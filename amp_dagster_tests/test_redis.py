@@ -275,3 +275,19 @@ def test_a_refused_command_is_a_terminal_error_naming_it(store, client):
         loader.write(table, logs)
     loader.write(table, data.logs(5, 9))  # the loader's connection is still usable afterwards
     assert loader.read(table, RowRange(5)).read_all().num_rows == data.logs(5, 9).num_rows
+
+
+def test_a_retried_move_changes_nothing(store, client):
+    from amp_dagster.loaders.redis import MOVE
+
+    loader, table = store.loader(), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 19)
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, logs)
+    loader.write(table, data.logs(0, 9, seed=4), replace=RowRange(0, 9))
+    meta = _base(store, "logs") + b":meta"
+    stage = b"g%d" % int(client.hget(meta, "seq"))
+    # the script ran but its reply was lost: the retry must not delete the rows it moved in
+    client.eval(MOVE, 3, _live(client, store), _base(store, "logs") + b":" + stage, meta, 0, 9, b"stage:" + stage)
+    want = pa.concat_tables([data.logs(0, 9, seed=4), logs.filter(pc.greater(logs["_block_num"], 9))])
+    assert loader.read(table).read_all().sort_by(SORT_LOGS).equals(want.sort_by(SORT_LOGS))

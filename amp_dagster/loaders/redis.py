@@ -85,10 +85,12 @@ _DROP = """local function drop(area, lo, hi, limit)
 end
 """
 DROP = _DROP + "return drop(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]))"
-# delete the range from the live area, move every staged row in (RENAME keeps its TTL), unlist the stage
+# delete the range from the live area, move every staged row in (RENAME keeps its TTL), unlist the stage;
+# a stage no longer listed was moved already, so a retry after a lost reply changes nothing
 MOVE = (
     _DROP
-    + """local n = drop(KEYS[1], ARGV[1], ARGV[2], math.huge)
+    + """if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return 0 end
+local n = drop(KEYS[1], ARGV[1], ARGV[2], math.huge)
 while true do
   local m = redis.call('ZRANGE', KEYS[2], 0, 999, 'WITHSCORES')
   if #m == 0 then break end
@@ -178,7 +180,7 @@ class RedisLoader(Loader):
     >>> with RedisLoader("redis://127.0.0.1:6379/0", ttl=86_400) as rd:  # doctest: +SKIP
     ...     t = TableRef("logs", namespace="eth", key=("block_num", "log_index"))
     ...     rd.ensure_table(t, logs.schema)
-    ...     rd.write(t, logs, replace=RowRange(0, 999))  # rows: HGETALL amp:{eth:logs}:g1:<block_num>:<log_index>
+    ...     rd.write(t, logs, replace=RowRange(0, 999))  # a row: HGETALL amp:{eth:logs}:g0:15000000:3
     """
 
     store = "Redis"
@@ -292,7 +294,7 @@ class RedisLoader(Loader):
         self._call(pipe.execute, table)
         old = [meta.get(b"live")] + [f[6:] for f in meta if f.startswith(b"stage:")]  # crashed stages go too
         for area in filter(None, old):
-            self._drop_area(table, area, meta[b"form"] == b"stream")
+            self._drop_area(table, area, meta.get(b"form", self.form.encode()) == b"stream")
             self._call(lambda a=area: self._client.hdel(meta_key, b"stage:" + a), table)
         return tally.result()
 
@@ -659,7 +661,7 @@ def _join(*parts: bytes | pa.Array, nulls: str = "skip") -> pa.Array:
 
 
 def _bulk(column: pa.Array, before: bytes = b"") -> list:
-    """``before`` then each value as a RESP bulk string (``$<len>\r\n<value>\r\n``), as parts for _join.
+    """``before``, then each value as a RESP bulk string (``$<len>``, CRLF, the value, CRLF): parts for _join.
 
     A column with nulls comes back as one joined array that is null where the value is, so that a row's join
     leaves the field out whole; fixed-size bytes get a constant length prefix.
