@@ -13,6 +13,7 @@ slot, so the Lua scripts below stay cluster-safe.
 - Key text is the key columns' values joined by ``:``: integers in decimal, bytes as 0x-hex, strings with ``%``
   and ``:`` %-escaped. Rows of a table without key columns are keyed ``<range value>:<write number>:<row
   number>``: unique, and produced the same way by every write. A content hash would merge identical rows.
+  An append (``write``) of a key that exists sets its fields; ``upsert`` replaces the whole row.
 
 Values. Hash and stream fields are named by column, and a null is an absent field, so ``""`` stays distinct.
 Bytes are stored raw and strings as UTF-8. Integers, floats, decimals and bools use Arrow's exact text form
@@ -96,8 +97,7 @@ while true do
   if #m == 0 then break end
   local add, rem = {}, {}
   for i = 1, #m, 2 do
-    local src = KEYS[2] .. ':' .. m[i]
-    if redis.call('EXISTS', src) == 1 then redis.call('RENAME', src, KEYS[1] .. ':' .. m[i]) end
+    redis.pcall('RENAME', KEYS[2] .. ':' .. m[i], KEYS[1] .. ':' .. m[i])  -- a staged row may have expired
     add[#add + 1] = m[i + 1]; add[#add + 1] = m[i]; rem[#rem + 1] = m[i]
   end
   redis.call('ZADD', KEYS[1], unpack(add))
