@@ -27,6 +27,8 @@ is one Lua script: ZRANGE BYSCORE in pages, then UNLINK and ZREM. It is O(log N 
 Atomicity. ``write(replace=...)`` stages the rows in a fresh area; one script then deletes the range and RENAMEs
 the staged rows in. ``replace_table`` stages a whole area; one transaction flips ``live``, and the old area is
 removed afterwards, in pages. A failure before the swap leaves the table as it was and drops the staged keys.
+The move script blocks the server while it runs, about 5 µs a row here (0.5 s for 100k rows): the price of
+readers never seeing half a range, so replace ranges of partition size, not whole tables.
 Plain appends are pipelined and not atomic. The stream form replaces a range only at the tail (a delete, then
 an append, not atomic) and has no upsert.
 
