@@ -268,7 +268,7 @@ class DevServer(flight.FlightServerBase):
         with _status():
             frame, optimized = sql.plan(self._planning_context(), prepared)
             schema = frame.schema()
-            tables = sql.referenced_tables(optimized)
+            tables = sql.referenced_tables(frame, optimized)
             if prepared.streaming:
                 start = self._stream_start(optimized, schema, spec.get("cursor"))
                 batches = self._stream(context, prepared, schema, tables, start)

@@ -130,10 +130,14 @@ def _planning_error(exc: Exception) -> QueryError:
     return QueryError("INVALID_ARGUMENT", f"invalid plan: {text}")
 
 
-def referenced_tables(optimized) -> set[str]:
-    """Names of the dataset's tables (blocks, transactions, logs) that the plan scans."""
+def referenced_tables(frame, optimized) -> set[str]:
+    """Names of the dataset's tables (blocks, transactions, logs) the query refers to.
+
+    Both plans are read: the optimizer may remove a scan (``WHERE false``), and subqueries only show up as scans
+    once it has turned them into joins.
+    """
     found = set()
-    for node in _walk(optimized):
+    for node in (*_walk(frame.logical_plan()), *_walk(optimized)):
         variant = node.to_variant()
         if type(variant).__name__ == "TableScan":
             found.add(variant.fqn()[2])
