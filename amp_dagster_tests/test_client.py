@@ -51,7 +51,7 @@ class Mirror:
         elif isinstance(event, Checkpoint):
             self.committed.extend(pa.Table.from_batches([b]) for b in self.pending)
             self.pending = []
-            self.watermark = event.watermark
+            self.watermark = event.position
         elif isinstance(event, Rollback):
             self.committed = [_below(t, event.first_block) for t in self.committed]
             self.pending = [
@@ -76,7 +76,7 @@ def follow(stream, mirror: Mirror, until_block: int, on_checkpoint=None) -> Mirr
         if isinstance(event, Checkpoint):
             if on_checkpoint is not None:
                 on_checkpoint(event)
-            if event.watermark.blocks["mainnet"].number >= until_block:
+            if event.position.blocks["mainnet"].number >= until_block:
                 stream.close()
                 break
     return mirror
@@ -176,7 +176,7 @@ def test_reorg_is_reported_at_the_first_replaced_block(devserver, depth):
     before = canonical(server, 0, 59)
 
     def fork_at_head(checkpoint):
-        if checkpoint.watermark.blocks["mainnet"].number == 59 and not server.chain.view().history.get(1):
+        if checkpoint.position.blocks["mainnet"].number == 59 and not server.chain.view().history.get(1):
             server.reorg(depth)
             server.advance(3)
 
@@ -242,7 +242,7 @@ def test_stream_survives_a_server_restart(devserver):
 
     def restart(checkpoint):
         nonlocal server
-        if checkpoint.watermark.blocks["mainnet"].number == 29:
+        if checkpoint.position.blocks["mainnet"].number == 29:
             server.shutdown()
             chain.advance(10)
             server = devserver(location=f"grpc://127.0.0.1:{port}", chain=chain, microbatch_blocks=10)
@@ -432,4 +432,4 @@ def test_closing_a_stream_from_another_thread_ends_it(devserver):
     stream = AmpClient(server.url).stream(STREAM_LOGS)
     threading.Timer(0.5, stream.close).start()
     events = list(stream)  # blocks at the head until closed
-    assert isinstance(events[-1], Checkpoint) and events[-1].watermark.blocks["mainnet"].number == 9
+    assert isinstance(events[-1], Checkpoint) and events[-1].position.blocks["mainnet"].number == 9

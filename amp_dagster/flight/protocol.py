@@ -171,23 +171,56 @@ class Watermark:
         return bool(self.blocks)
 
 
+@dataclass(frozen=True)
+class Cursor:
+    """The position of a source that is not keyed by blocks: any JSON value (an id, a timestamp, a page token).
+
+    >>> Cursor.from_json(Cursor({"page": 3}).to_json())
+    Cursor(value={'page': 3})
+    """
+
+    value: object
+
+    def __post_init__(self) -> None:
+        try:
+            json.dumps(self.value)
+        except (TypeError, ValueError) as exc:
+            raise TerminalError(f"a cursor must be JSON-serialisable, got {self.value!r} ({exc})") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.value, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Cursor:
+        return cls(json.loads(text))
+
+
+Position = Watermark | Cursor
+
+
 # -- stream events ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Data:
-    """Rows of the microbatch covering ``ranges`` (every batch of one microbatch carries the same ranges)."""
+    """Rows and where they come from: the microbatch's block ``ranges`` (every batch of one microbatch carries
+    the same ranges), or for a cursor source the ``cursor`` that follows them."""
 
     batch: pa.RecordBatch
-    ranges: tuple[BlockRange, ...]
+    ranges: tuple[BlockRange, ...] = ()
+    cursor: Cursor | None = None
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A microbatch is complete: everything up to ``watermark`` has been delivered; safe to commit."""
+    """Everything up to ``position`` has been delivered: commit, then store the position to resume from.
 
-    watermark: Watermark
-    ranges: tuple[BlockRange, ...]
+    ``position`` is a :class:`Watermark` for block sources, a :class:`Cursor` for cursor sources, and None for a
+    source that can only be read whole (it has no position to resume from).
+    """
+
+    position: Position | None
+    ranges: tuple[BlockRange, ...] = ()
 
 
 @dataclass(frozen=True)
