@@ -128,7 +128,8 @@ class Loader(ABC):
 
     #: human name used in messages ("PostgreSQL", "Delta Lake", ...)
     store: ClassVar[str]
-    capabilities: ClassVar[Capabilities]
+    #: may be overridden per instance when a setting changes what the store can do (e.g. a Redis form)
+    capabilities: Capabilities
 
     @abstractmethod
     def ensure_table(self, table: TableRef, schema: pa.Schema) -> None:

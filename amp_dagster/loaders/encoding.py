@@ -62,14 +62,21 @@ def _text_leaves(array: pa.Array) -> pa.Array:
         mask = pc.is_null(array) if array.null_count else None
         return pa.StructArray.from_arrays(children, names=[f.name for f in t], mask=mask)
     if pa.types.is_list(t) or pa.types.is_large_list(t):
-        values = _text_leaves(array.flatten())
-        offsets = array.offsets
-        offsets = pc.subtract(offsets, offsets[0])
+        # not flatten(): it drops the values under null slots, which the offsets still span
+        first, last = array.offsets[0].as_py(), array.offsets[-1].as_py()
+        values = _text_leaves(array.values.slice(first, last - first))
+        offsets = pc.subtract(array.offsets, first)
         mask = pc.is_null(array) if array.null_count else None
         cls = pa.LargeListArray if pa.types.is_large_list(t) else pa.ListArray
         return cls.from_arrays(offsets, values, mask=mask)
-    if pa.types.is_fixed_size_list(t) or pa.types.is_map(t) or pa.types.is_list_view(t):
-        return _text_leaves(array.cast(pa.list_(t.value_type)) if not pa.types.is_map(t) else array)
+    if pa.types.is_map(t):  # a map is a list of {key, value} entries; JSON objects would need text keys
+        entries = pa.StructArray.from_arrays([array.keys, array.items], fields=[t.key_field, t.item_field])
+        offsets = pc.subtract(array.offsets, array.offsets[0])
+        return _text_leaves(
+            pa.ListArray.from_arrays(offsets, entries, mask=pc.is_null(array) if array.null_count else None)
+        )
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list_view(t):
+        return _text_leaves(array.cast(pa.list_(t.value_field)))
     return array
 
 
