@@ -27,6 +27,7 @@ class Case:
     setup: Callable[[], object] = _noop
     check: Callable[[], object] = _noop
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # this process's CPU seconds (not the server's)
 
 
 @dataclass
@@ -54,17 +55,18 @@ def compare(title: str, rows: int, cases: list[Case], rounds: int = 3) -> Result
     for _ in range(rounds):
         for case in cases:
             case.setup()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             case.run()
             case.seconds.append(time.perf_counter() - start)
+            case.cpu.append(time.process_time() - cpu)
             case.check()
     result = Result(title, rows, cases)
     print(f"\n## {title}  ({rows:,} rows, {rounds} rounds, load average {load_average():.2f})")
-    print(f"{'case':<44} {'median rows/s':>14} {'best rows/s':>14} {'vs first':>9}")
+    print(f"{'case':<44} {'median rows/s':>14} {'best rows/s':>14} {'vs first':>9} {'client CPU s':>13}")
     for case in cases:
         print(
             f"{case.name:<44} {result.rate(case):>14,.0f} {result.rate(case, best=True):>14,.0f} "
-            f"{result.rate(case) / result.rate(cases[0]):>8.2f}x"
+            f"{result.rate(case) / result.rate(cases[0]):>8.2f}x {statistics.median(case.cpu):>13.2f}"
         )
     return result
 
