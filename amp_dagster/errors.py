@@ -54,3 +54,11 @@ class QueryError(TerminalError):
 
 class AuthenticationError(TerminalError):
     """The server rejected the credentials (UNAUTHENTICATED or PERMISSION_DENIED)."""
+
+
+def scrub(text: str, *secrets: str | None) -> str:
+    """``text`` with every non-empty secret replaced by ``***``: for messages built from driver errors."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text.strip()

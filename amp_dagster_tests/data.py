@@ -50,6 +50,14 @@ EVERY_TYPE = pa.schema(
         pa.field("amount", schemas.DEC),
         pa.field("hashes", HASH_LIST),
         pa.field("access_list", ACCESS_LIST),
+        pa.field("i8", pa.int8()),
+        pa.field("i16", pa.int16()),
+        pa.field("u8", pa.uint8()),
+        pa.field("u16", pa.uint16()),
+        pa.field("f32", pa.float32()),
+        pa.field("day", pa.date32()),
+        pa.field("big_text", pa.large_string()),
+        pa.field("tag", pa.dictionary(pa.int32(), pa.string())),
     ]
 )
 
@@ -84,6 +92,14 @@ def every_type() -> pa.Table:
             None,
             [{"address": b"\x02" * 20, "storage_keys": []}, {"address": b"\x03" * 20, "storage_keys": [h[3]]}],
         ],
+        "i8": [-128, 127, None, 0],
+        "i16": [-32768, 32767, None, 1],
+        "u8": [0, 255, None, 1],
+        "u16": [0, 65535, None, 2],
+        "f32": [1.5, float("-inf"), None, float("inf")],
+        "day": [dt.date(1970, 1, 1), dt.date(9999, 12, 31), None, dt.date(2015, 7, 30)],
+        "big_text": ["", "large ✓", None, "x" * 300],
+        "tag": ["transfer", "swap", None, "transfer"],
     }
     return pa.table(rows, schema=EVERY_TYPE)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -21,9 +22,15 @@ from ..errors import NotSupportedError, SchemaMismatchError, TerminalError
 
 BLOCK_NUM = "_block_num"
 
-ArrowData = pa.RecordBatchReader | pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch] | Any
-"""Anything that yields record batches: a reader, a table, one batch, an iterable of batches, or an object
-implementing the Arrow PyCapsule stream interface (``__arrow_c_stream__``: polars, DataFusion, duckdb...)."""
+
+class ArrowStream(Protocol):
+    """Anything implementing the Arrow PyCapsule stream interface (polars, DataFusion, duckdb, our QueryResult)."""
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any: ...
+
+
+ArrowData = pa.RecordBatchReader | pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch] | ArrowStream
+"""Anything that yields record batches: a reader, a table, one batch, an iterable of batches, or an Arrow stream."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +187,11 @@ class Loader(ABC):
 
 
 def record_batches(data: ArrowData) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """Any ArrowData as a schema and a lazy iterator of record batches (nothing is read ahead)."""
+    """Any ArrowData as a schema and a lazy iterator of record batches (nothing is read ahead).
+
+    Batches of a plain iterable must all have the first one's column names and types: loaders address
+    columns by position, so a reordered batch would land in the wrong columns.
+    """
     if isinstance(data, pa.RecordBatchReader):
         return data.schema, iter(data)
     if isinstance(data, pa.Table):
@@ -190,8 +201,6 @@ def record_batches(data: ArrowData) -> tuple[pa.Schema, Iterator[pa.RecordBatch]
     if hasattr(data, "__arrow_c_stream__"):
         reader = pa.RecordBatchReader.from_stream(data)
         return reader.schema, iter(reader)
-    if hasattr(data, "schema") and hasattr(data, "__iter__"):
-        return data.schema, iter(data)
     iterator = iter(data)
     first = next(iterator, None)
     if first is None:
@@ -199,12 +208,57 @@ def record_batches(data: ArrowData) -> tuple[pa.Schema, Iterator[pa.RecordBatch]
             "cannot write an empty iterable of record batches: its schema is unknown. "
             "Pass a pyarrow.RecordBatchReader or a Table (which carry a schema) instead."
         )
-    return first.schema, _chain_first(first, iterator)
+    return first.schema, _same_shape(first, iterator)
 
 
-def _chain_first(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _same_shape(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     yield first
-    yield from rest
+    for batch in rest:
+        if batch.schema.names != first.schema.names or batch.schema.types != first.schema.types:
+            raise SchemaMismatchError(
+                f"a record batch has columns {batch.schema} but the first batch had {first.schema}; "
+                "every batch of one write must have the same columns in the same order"
+            )
+        yield batch
+
+
+def checked_batches(
+    data: ArrowData, table: TableRef, store: str, rows: RowRange | None = None
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The data's schema and batches, checked on the way through: the range and key columns exist, the range
+    column has no nulls, and with ``rows`` every row lies inside that range. Empty batches are dropped.
+
+    A null or out-of-range value would survive the next delete of its range and be duplicated when the range
+    is written again, so every write path goes through this (one vectorised min/max per batch).
+    """
+    schema, batches = record_batches(data)
+    require_columns(schema, table, store)
+    return schema, check_in_range(batches, table, rows, store)
+
+
+def check_in_range(
+    batches: Iterable[pa.RecordBatch], table: TableRef, rows: RowRange | None, store: str = "the"
+) -> Iterator[pa.RecordBatch]:
+    """Pass non-empty batches through, failing on a null range value or, with ``rows``, on a value outside it."""
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        column = batch.column(table.range_column)
+        if column.null_count:
+            raise TerminalError(
+                f"{store} table {table}: {column.null_count} row(s) have no {table.range_column} (null). Every "
+                "row must have one, or its range could never be deleted or replaced; filter them out in the query."
+            )
+        if rows is not None:
+            bounds = pc.min_max(column)
+            low, high = bounds["min"].as_py(), bounds["max"].as_py()
+            if not rows.contains(low) or not rows.contains(high):
+                bad = low if not rows.contains(low) else high
+                raise TerminalError(
+                    f"{store} table {table}: a row has {table.range_column}={bad}, outside the range {rows} being "
+                    "replaced. Filter the data to that range (or widen the range) before writing."
+                )
+        yield batch
 
 
 def as_reader(data: ArrowData) -> pa.RecordBatchReader:
@@ -227,38 +281,6 @@ class Tally:
 
     def result(self, commits: int = 1, **extra: Any) -> WriteResult:
         return WriteResult(rows=self.rows, bytes=self.bytes, commits=commits, extra=extra)
-
-
-def check_in_range(
-    batches: Iterable[pa.RecordBatch], table: TableRef, rows: RowRange | None
-) -> Iterator[pa.RecordBatch]:
-    """Pass batches through, failing on the first row whose range column lies outside ``rows``.
-
-    A range replace that wrote rows outside its range would leave duplicates behind on the next replace, so
-    this is checked on every write with ``replace``, with one vectorised min/max per batch.
-    """
-    for batch in batches:
-        if rows is not None and batch.num_rows:
-            column = _range_column(batch, table)
-            bounds = pc.min_max(column)
-            low, high = bounds["min"].as_py(), bounds["max"].as_py()
-            if low is None or not rows.contains(low) or not rows.contains(high):
-                bad = low if low is None or not rows.contains(low) else high
-                raise TerminalError(
-                    f"{table}: a row has {table.range_column}={bad}, outside the range {rows} being replaced. "
-                    f"Filter the data to that range (or widen the range) before writing."
-                )
-        yield batch
-
-
-def _range_column(batch: pa.RecordBatch, table: TableRef) -> pa.Array:
-    index = batch.schema.get_field_index(table.range_column)
-    if index < 0:
-        raise SchemaMismatchError(
-            f"{table}: the data has no column {table.range_column!r}, the table's range column. "
-            f"Select it in the query, or set TableRef(range_column=...) to an integer column the data has."
-        )
-    return batch.column(index)
 
 
 def require_columns(schema: pa.Schema, table: TableRef, store: str) -> None:
@@ -333,3 +355,31 @@ def key_columns(table: TableRef, store: str) -> Sequence[str]:
             "that identify a row, e.g. ('block_num', 'log_index') for logs."
         )
     return table.key
+
+
+def missing_table(store: str, where: str, table: TableRef) -> TerminalError:
+    return TerminalError(f"{store} {where}: table {table} does not exist. Call ensure_table(table, schema) first.")
+
+
+def last_per_key(rows: pa.Table, key: Sequence[str]) -> pa.Table:
+    """One row per key, the last one: what applying the rows in order would leave (vectorised)."""
+    position = "__amp_position"
+    numbered = rows.select(list(key)).append_column(position, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
+    last = numbered.group_by(list(key), use_threads=False).aggregate([(position, "max")])
+    if last.num_rows == rows.num_rows:
+        return rows
+    return rows.take(np.sort(last[f"{position}_max"].to_numpy()))  # in input order
+
+
+def chunked(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[list[pa.RecordBatch]]:
+    """Batches grouped into lists of at least ``rows`` rows (the last list may be shorter)."""
+    chunk: list[pa.RecordBatch] = []
+    have = 0
+    for batch in batches:
+        chunk.append(batch)
+        have += batch.num_rows
+        if have >= rows:
+            yield chunk
+            chunk, have = [], 0
+    if chunk:
+        yield chunk

@@ -2,36 +2,38 @@
 
 Type map (Arrow → PostgreSQL):
 
-- ``uint64`` → ``numeric(20,0)``, exact up to 2^64-1 (default), or ``bigint`` with ``uint64="bigint"``, which
-  fails loudly, naming the column, on any value above 2^63-1 rather than wrapping it;
+- ``uint64`` → ``numeric(20,0)``, exact up to 2^64-1 (default), or ``bigint`` with ``uint64="bigint"``, faster and
+  the natural type for block numbers, which fails loudly, naming the column, on any value above 2^63-1 rather
+  than wrapping it;
 - ``uint32`` → ``bigint``, ``uint16`` → ``integer``, ``uint8``/``int8`` → ``smallint``;
 - ``fixed_size_binary``/``binary`` → ``bytea``; ``decimal128(p,s)`` → ``numeric(p,s)``;
-- ``timestamp[*, tz]`` → ``timestamptz`` (``timestamp`` without tz). PostgreSQL keeps microseconds: a
-  nanosecond value that is not a whole microsecond fails the write, naming the column, unless
-  ``truncate_timestamps=True``. Chain timestamps are whole seconds, so amp data never hits this;
+- ``timestamp[*, tz]`` → ``timestamptz`` (``timestamp`` without tz). PostgreSQL keeps microseconds: a nanosecond
+  value that is not a whole microsecond fails the write, naming the column, unless ``truncate_timestamps=True``.
+  Chain timestamps are whole seconds, so amp data never hits this;
 - lists of scalars → PostgreSQL arrays (``bytea[]``...); structs, maps and lists of nested values → ``jsonb``
   with bytes as ``0x`` hex strings.
 
-The table's Arrow schema is kept in the table comment, so :meth:`PostgresLoader.read` gives the original types
-back (``jsonb`` columns come back as JSON text).
+The table's Arrow schema is kept in the table comment: data is checked against it Arrow type by Arrow type, and
+:meth:`PostgresLoader.read` gives the original types back (``jsonb`` columns come back as JSON text).
+A full refresh swaps in a new table: grants, triggers and publications on the old one do not carry over.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import ServiceUnavailableError, TerminalError, TransientError
+from ..errors import AmpDagsterError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
 from .base import (
     ArrowData,
@@ -41,13 +43,14 @@ from .base import (
     TableRef,
     Tally,
     WriteResult,
-    check_in_range,
+    checked_batches,
     compare_columns,
     key_columns,
-    record_batches,
+    missing_table,
     require_columns,
 )
 from .encoding import json_strings
+from .schema import cast_columns, check_schema, schema_from_text, schema_to_text, widen
 
 COMMENT_TAG = "amp_dagster"
 
@@ -55,14 +58,14 @@ COMMENT_TAG = "amp_dagster"
 @dataclass(frozen=True)
 class _Column:
     name: str
-    pg_type: str  # exactly as format_type() prints it, so existing tables compare by string
+    pg_type: str  # exactly as format_type() prints it
     nullable: bool
     convert: Callable[[pa.Array], pa.Array] | None  # Arrow → what the COPY encoder takes; None = as is
     jsonb: bool = False
 
 
-def _cast(target: pa.DataType, *, safe: bool = True) -> Callable[[pa.Array], pa.Array]:
-    return lambda a: a.cast(target, safe=safe)
+def _cast(target: pa.DataType) -> Callable[[pa.Array], pa.Array]:
+    return lambda a: a.cast(target)
 
 
 _SCALARS: dict[pa.DataType, tuple[str, pa.DataType | None]] = {
@@ -93,8 +96,8 @@ class PostgresLoader(Loader):
     """Loads Arrow into PostgreSQL tables with binary COPY.
 
     ``conninfo`` is a libpq URL or key=value string; ``params`` add to it (``password=...``). Without a password
-    there, libpq reads ``PGPASSWORD`` or ``~/.pgpass``. Connections are pooled (``pool_size``). Concurrent writers to
-    one table are serialised with a transaction-scoped advisory lock.
+    there, libpq reads ``PGPASSWORD`` or ``~/.pgpass``. Connections are pooled (``pool_size``) and checked before
+    reuse. Concurrent writers to one table are serialised with a transaction-scoped advisory lock.
 
     >>> with PostgresLoader("postgresql://127.0.0.1:5432/test") as pg:  # doctest: +SKIP
     ...     t = TableRef("logs", namespace="eth")
@@ -128,7 +131,6 @@ class PostgresLoader(Loader):
         info = psycopg.conninfo.conninfo_to_dict(self._conninfo)
         self._secret = str(info.get("password") or "")
         self.where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
-        self._uri_params = info
         self._uint64, self._truncate, self._retry = uint64, truncate_timestamps, retry
         self._slots = threading.BoundedSemaphore(pool_size)
         self._idle: queue.LifoQueue = queue.LifoQueue()
@@ -138,16 +140,35 @@ class PostgresLoader(Loader):
     def _connect(self):
         import psycopg
 
-        def attempt():
-            return psycopg.connect(self._conninfo, autocommit=False)
-
         try:
-            return retry_call(attempt, self._retry, _is_transient, f"connecting to PostgreSQL at {self.where}")
+            return retry_call(
+                lambda: psycopg.connect(self._conninfo, autocommit=False),
+                self._retry,
+                _is_transient,
+                f"connecting to PostgreSQL at {self.where}",
+            )
         except psycopg.OperationalError as exc:
             raise ServiceUnavailableError(
                 f"PostgreSQL at {self.where} is unreachable after {self._retry.attempts} attempts: "
-                f"{self._scrub(exc)}. Check that the server runs and the host, port and credentials are right."
+                f"{scrub(str(exc), self._secret)}. Check that the server runs and the host, port and "
+                "credentials are right."
             ) from None
+
+    def _checkout(self):
+        """An idle pooled connection that still answers, or a new one."""
+        import psycopg
+
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return self._connect()
+            try:
+                conn.execute("SELECT 1")  # the server may have dropped it while idle
+                conn.rollback()
+                return conn
+            except psycopg.Error:
+                conn.close()
 
     @contextmanager
     def _cursor(self, table: TableRef | None = None):
@@ -157,16 +178,12 @@ class PostgresLoader(Loader):
         self._slots.acquire()
         conn = None
         try:
-            while conn is None:
-                try:
-                    candidate = self._idle.get_nowait()
-                except queue.Empty:
-                    candidate = self._connect()
-                conn = None if candidate.closed or candidate.broken else candidate
+            conn = self._checkout()
             try:
                 with conn.transaction(), conn.cursor() as cur:
                     if table is not None:
-                        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (str(table),))
+                        key = f"{table.namespace or 'public'}.{table.name}"
+                        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
                     yield cur
             except psycopg.Error as exc:
                 raise self._translate(exc, table) from None
@@ -175,6 +192,10 @@ class PostgresLoader(Loader):
                 self._idle.put(conn)
             self._slots.release()
 
+    def _retrying(self, fn: Callable[[], int | None], what: str):
+        """Retry an operation that holds no stream (nothing is consumed twice) on deadlocks and dropped links."""
+        return retry_call(fn, self._retry, lambda e: isinstance(e, TransientError), f"PostgreSQL {what}")
+
     def close(self) -> None:
         while True:
             try:
@@ -182,74 +203,73 @@ class PostgresLoader(Loader):
             except queue.Empty:
                 return
 
-    def _scrub(self, exc: BaseException) -> str:
-        text = str(exc).strip()
-        return text.replace(self._secret, "***") if self._secret else text
-
     def _translate(self, exc: Exception, table: TableRef | None) -> Exception:
         where = f"PostgreSQL {self.where}" + (f" table {table}" if table else "")
         sqlstate = getattr(exc, "sqlstate", None) or "-"
         cls = TransientError if _is_transient(exc) else TerminalError
-        return cls(f"{where}: {self._scrub(exc)} (SQLSTATE {sqlstate})")
+        return cls(f"{where}: {scrub(str(exc), self._secret)} (SQLSTATE {sqlstate})")
 
     # -- the Loader seam ------------------------------------------------------------------------------------
 
     def ensure_table(self, table: TableRef, schema: pa.Schema) -> None:
         require_columns(schema, table, self.store)
-        cols = self._plan(schema)
-        with self._cursor(table) as cur:
-            _create_schema(cur, table)
-            existing = _columns(cur, table)
-            if not existing:
-                _create_table(cur, _ident(table), cols)
-            else:
-                added = compare_columns(
-                    self.store, table, existing, {c.name: (c.pg_type, c.nullable) for c in cols}, can_add=True
-                )
+        cols = self._plan(schema, table)
+
+        def run() -> None:
+            with self._cursor(table) as cur:
+                _create_schema(cur, table)
+                existing = _columns(cur, table)
+                stored = _stored_schema(cur, table)
+                if not existing:
+                    _create_table(cur, _ident(table), cols)
+                    _create_indexes(cur, table, _ident(table), _index_names(table))
+                    _set_comment(cur, _ident(table), schema)
+                    return
+                if stored is not None:
+                    added = check_schema(self.store, table, stored, schema, can_add=True)
+                else:  # a table amp_dagster did not create: compare PostgreSQL types
+                    added = compare_columns(self.store, table, existing, _types(cols), can_add=True)
                 for col in (c for c in cols if c.name in added):
                     cur.execute(_sql("ALTER TABLE {} ADD COLUMN {} " + col.pg_type, _ident(table), _id(col.name)))
-                schema = _merge(_stored_schema(cur, table), schema)
-            _create_indexes(cur, table, _ident(table), table.name)
-            _set_comment(cur, _ident(table), schema)
+                _create_indexes(cur, table, _ident(table), _index_names(table))
+                if stored is not None or _comment(cur, table) is None:  # never overwrite a foreign comment
+                    _set_comment(cur, _ident(table), widen(stored, schema, added) if stored else schema)
+
+        self._retrying(run, f"ensure_table {table}")
 
     def write(self, table: TableRef, data: ArrowData, *, replace: RowRange | None = None) -> WriteResult:
-        schema, batches = record_batches(data)
-        cols = self._plan(schema)
+        schema, batches = checked_batches(data, table, self.store, replace)
         tally = Tally()
         with self._cursor(table) as cur:
-            self._check(cur, table, cols)
+            cols = self._checked_plan(cur, table, schema)
             if replace is not None:
                 _delete(cur, table, replace)
-            self._copy(cur, _ident(table), cols, tally.count(check_in_range(batches, table, replace)))
+            self._copy(cur, _ident(table), cols, tally.count(batches))
         return tally.result()
 
     def delete(self, table: TableRef, rows: RowRange) -> int:
-        with self._cursor(table) as cur:
-            return _delete(cur, table, rows) if _columns(cur, table) else 0
+        def run() -> int:
+            with self._cursor(table) as cur:
+                return _delete(cur, table, rows) if _columns(cur, table) else 0
+
+        return self._retrying(run, f"delete {rows} from {table}")
 
     def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
-        schema, batches = record_batches(data)
-        require_columns(schema, table, self.store)
-        cols = self._plan(schema)
-        stage = f"{_short(table.name)}__amp_stage"
-        staged = _ident(TableRef(stage, table.namespace))
+        schema, batches = checked_batches(data, table, self.store)
+        cols = self._plan(schema, table)
+        # a unique stage name: never an existing table, never a collision between two refreshes
+        stage = TableRef(f"{_short(table.name)}__amp_stage_{uuid.uuid4().hex[:8]}", table.namespace)
         tally = Tally()
         with self._cursor(table) as cur:
             _create_schema(cur, table)
-            cur.execute(_sql("DROP TABLE IF EXISTS {}", staged))
-            _create_table(cur, staged, cols)
-            self._copy(cur, staged, cols, tally.count(batches))
-            _create_indexes(cur, table, staged, stage)
+            _create_table(cur, _ident(stage), cols)
+            self._copy(cur, _ident(stage), cols, tally.count(batches))
+            _create_indexes(cur, table, _ident(stage), _index_names(stage))
             cur.execute(_sql("DROP TABLE IF EXISTS {}", _ident(table)))
-            cur.execute(_sql("ALTER TABLE {} RENAME TO {}", staged, _id(table.name)))
-            for purpose in ("range", "key"):
-                cur.execute(
-                    _sql(
-                        "ALTER INDEX IF EXISTS {} RENAME TO {}",
-                        _ident(TableRef(_index_name(stage, purpose), table.namespace)),
-                        _id(_index_name(table.name, purpose)),
-                    )
-                )
+            cur.execute(_sql("ALTER TABLE {} RENAME TO {}", _ident(stage), _id(table.name)))
+            for staged, final in zip(_index_names(stage), _index_names(table), strict=True):
+                namespaced = TableRef(staged, table.namespace)
+                cur.execute(_sql("ALTER INDEX IF EXISTS {} RENAME TO {}", _ident(namespaced), _id(final)))
             _set_comment(cur, _ident(table), schema)
         return tally.result()
 
@@ -257,15 +277,14 @@ class PostgresLoader(Loader):
         from psycopg import sql
 
         key = key_columns(table, self.store)
-        schema, batches = record_batches(data)
-        cols = self._plan(schema)
-        names = sql.SQL(", ").join(_id(c.name) for c in cols)
-        keys = sql.SQL(", ").join(_id(k) for k in key)
-        updates = [sql.SQL("{} = EXCLUDED.{}").format(_id(c.name), _id(c.name)) for c in cols if c.name not in key]
-        action = sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(updates) if updates else sql.SQL("DO NOTHING")
+        schema, batches = checked_batches(data, table, self.store)
         tally = Tally()
         with self._cursor(table) as cur:
-            self._check(cur, table, cols)
+            cols = self._checked_plan(cur, table, schema)
+            names = sql.SQL(", ").join(_id(c.name) for c in cols)
+            keys = sql.SQL(", ").join(_id(k) for k in key)
+            updates = [sql.SQL("{} = EXCLUDED.{}").format(_id(c.name), _id(c.name)) for c in cols if c.name not in key]
+            action = sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(updates) if updates else sql.SQL("DO NOTHING")
             cur.execute(_sql("CREATE TEMP TABLE amp_upsert (LIKE {}) ON COMMIT DROP", _ident(table)))
             self._copy(cur, _id("amp_upsert"), cols, tally.count(batches))
             # the last row wins when the data repeats a key (COPY appends, so ctid follows input order)
@@ -282,21 +301,23 @@ class PostgresLoader(Loader):
         import adbc_driver_postgresql.dbapi as adbc
 
         with self._cursor() as cur:
-            stored = _stored_schema(cur, table)
             if not _columns(cur, table):
-                raise TerminalError(f"PostgreSQL {self.where}: table {table} does not exist")
-            query = _sql("SELECT * FROM {}", _ident(table)) + _range_sql(table, rows)
-            text = query.as_string(cur.connection)
-        conn = adbc.connect(self._adbc_uri())
-        cursor = conn.cursor()
-        cursor.execute(text)
-        reader = cursor.fetch_record_batch()
+                raise missing_table(self.store, self.where, table)
+            stored = _stored_schema(cur, table)
+            text = (_sql("SELECT * FROM {}", _ident(table)) + _range_sql(table, rows)).as_string(cur.connection)
+        try:
+            conn = adbc.connect(self._conninfo)  # the same conninfo: sockets, TLS settings and all
+            cursor = conn.cursor()
+            cursor.execute(text)
+            reader = cursor.fetch_record_batch()
+        except Exception as exc:
+            raise TerminalError(f"PostgreSQL {self.where}: reading {table}: {scrub(str(exc), self._secret)}") from None
         target = _read_schema(reader.schema, stored)
 
         def batches() -> Iterator[pa.RecordBatch]:
             try:
                 for batch in reader:
-                    yield _cast_batch(batch, target)
+                    yield cast_columns(batch, target, store=self.store, table=table, reading=True)
             finally:
                 cursor.close()
                 conn.close()
@@ -305,60 +326,76 @@ class PostgresLoader(Loader):
 
     # -- internals -----------------------------------------------------------------------------------------
 
-    def _plan(self, schema: pa.Schema) -> list[_Column]:
-        return [self._column(f) for f in schema]
+    def _checked_plan(self, cur, table: TableRef, schema: pa.Schema) -> list[_Column]:
+        """The COPY plan for ``schema``, after checking it against the table (Arrow types if it keeps them)."""
+        existing = _columns(cur, table)
+        if not existing:
+            raise missing_table(self.store, self.where, table)
+        cols = self._plan(schema, table)
+        stored = _stored_schema(cur, table)
+        if stored is not None:
+            check_schema(self.store, table, stored, schema, can_add=False)
+        compare_columns(self.store, table, existing, _types(cols), can_add=False)
+        return cols
 
-    def _column(self, field: pa.Field) -> _Column:
-        t, name = field.type, field.name
+    def _plan(self, schema: pa.Schema, table: TableRef) -> list[_Column]:
+        return [self._column(f, table) for f in schema]
+
+    def _column(self, field: pa.Field, table: TableRef) -> _Column:
+        t, name, nullable = field.type, field.name, field.nullable
         if pa.types.is_dictionary(t):
-            inner = self._column(pa.field(name, t.value_type, field.nullable))
-            return _Column(name, inner.pg_type, field.nullable, _then(_cast(t.value_type), inner.convert), inner.jsonb)
+            inner = self._column(pa.field(name, t.value_type, nullable), table)
+            decode = _cast(t.value_type)
+            convert = decode if inner.convert is None else (lambda a, c=inner.convert: c(decode(a)))
+            return _Column(name, inner.pg_type, nullable, convert, inner.jsonb)
         if pa.types.is_uint64(t):
             if self._uint64 == "numeric":
-                return _Column(name, "numeric(20,0)", field.nullable, None)
-            return _Column(name, "bigint", field.nullable, _checked_int64(name))
+                return _Column(name, "numeric(20,0)", nullable, None)
+            return _Column(name, "bigint", nullable, self._conform(table, field, pa.int64()))
         if pa.types.is_timestamp(t):
             pg = "timestamp with time zone" if t.tz else "timestamp without time zone"
-            convert = _microseconds(name, t, self._truncate) if t.unit == "ns" else None
-            return _Column(name, pg, field.nullable, convert)
+            return _Column(
+                name, pg, nullable, self._conform(table, field, pa.timestamp("us", t.tz)) if t.unit == "ns" else None
+            )
         if pa.types.is_time(t):
-            convert = _microseconds(name, t, self._truncate) if t.unit == "ns" else None
-            return _Column(name, "time without time zone", field.nullable, convert)
+            pg = "time without time zone"
+            return _Column(name, pg, nullable, self._conform(table, field, pa.time64("us")) if t.unit == "ns" else None)
         if pa.types.is_duration(t):
-            convert = _microseconds(name, t, self._truncate) if t.unit == "ns" else None
-            return _Column(name, "interval", field.nullable, convert)
+            return _Column(
+                name, "interval", nullable, self._conform(table, field, pa.duration("us")) if t.unit == "ns" else None
+            )
         if pa.types.is_decimal(t):
-            if t.precision > 38 or (pa.types.is_decimal256(t) and t.precision > 38):
+            if t.precision > 38:
                 raise TerminalError(
                     f"PostgreSQL: column {name!r} is {t}; precision above 38 is not supported. Cast it to "
                     "decimal128 or to a string in the query."
                 )
-            convert = _cast(pa.decimal128(t.precision, t.scale)) if not pa.types.is_decimal128(t) else None
-            return _Column(name, f"numeric({t.precision},{t.scale})", field.nullable, convert)
+            convert = None if pa.types.is_decimal128(t) else _cast(pa.decimal128(t.precision, t.scale))
+            return _Column(name, f"numeric({t.precision},{t.scale})", nullable, convert)
         if pa.types.is_fixed_size_binary(t):
-            return _Column(name, "bytea", field.nullable, None)
+            return _Column(name, "bytea", nullable, None)
         if t in _SCALARS:
             pg, target = _SCALARS[t]
-            return _Column(name, pg, field.nullable, _cast(target) if target is not None else None)
+            return _Column(name, pg, nullable, _cast(target) if target is not None else None)
         if pa.types.is_nested(t) and not _is_json(t):  # a list of scalars: a PostgreSQL array
-            item = self._column(pa.field(name, t.value_type, True))
-            if item.convert is None:
-                return _Column(name, item.pg_type + "[]", field.nullable, None)
-            return _Column(name, item.pg_type + "[]", field.nullable, _list_items(item.convert))
+            item = self._column(pa.field(name, t.value_type, True), table)
+            return _Column(name, item.pg_type + "[]", nullable, _list_items(item.convert) if item.convert else None)
         if pa.types.is_nested(t):
-            return _Column(name, "jsonb", field.nullable, json_strings, jsonb=True)
+            return _Column(name, "jsonb", nullable, json_strings, jsonb=True)
         raise TerminalError(
             f"PostgreSQL: column {name!r} has Arrow type {t}, which has no PostgreSQL mapping. "
             "Cast it to a supported type in the query."
         )
 
-    def _check(self, cur, table: TableRef, cols: list[_Column]) -> None:
-        existing = _columns(cur, table)
-        if not existing:
-            raise TerminalError(
-                f"PostgreSQL {self.where}: table {table} does not exist. Call ensure_table(table, schema) first."
-            )
-        compare_columns(self.store, table, existing, {c.name: (c.pg_type, c.nullable) for c in cols}, can_add=False)
+    def _conform(self, table: TableRef, field: pa.Field, target: pa.DataType) -> Callable[[pa.Array], pa.Array]:
+        """A safe cast to what PostgreSQL stores (microseconds, bigint), failing with the column named."""
+        out = pa.schema([pa.field(field.name, target)])
+
+        def apply(array: pa.Array) -> pa.Array:
+            batch = pa.RecordBatch.from_arrays([array], names=[field.name])
+            return cast_columns(batch, out, store=self.store, table=table, truncate_timestamps=self._truncate).column(0)
+
+        return apply
 
     def _copy(self, cur, target, cols: list[_Column], batches: Iterable[pa.RecordBatch]) -> None:
         import pgpq
@@ -371,7 +408,10 @@ class PostgresLoader(Loader):
         )
         with cur.copy(statement) as copy:
             for batch in batches:
-                converted = _convert(batch, cols)
+                converted = pa.RecordBatch.from_arrays(
+                    [c.convert(a) if c.convert else a for a, c in zip(batch.columns, cols, strict=True)],
+                    names=[c.name for c in cols],
+                )
                 if encoder is None:
                     encoders = {
                         f.name: StringEncoderBuilder.new_with_output(f, Jsonb())
@@ -381,20 +421,9 @@ class PostgresLoader(Loader):
                     }
                     encoder = pgpq.ArrowToPostgresBinaryEncoder.new_with_encoders(converted.schema, encoders)
                     copy.write(encoder.write_header())
-                if converted.num_rows:
-                    copy.write(encoder.write_batch(converted))
+                copy.write(encoder.write_batch(converted))
             if encoder is not None:
                 copy.write(encoder.finish())
-
-    def _adbc_uri(self) -> str:
-        p = self._uri_params
-        auth = quote(str(p.get("user", "")), safe="")
-        if p.get("password"):
-            auth += ":" + quote(str(p["password"]), safe="")
-        host = p.get("host", "localhost")
-        return (
-            f"postgresql://{auth + '@' if auth else ''}{host}:{p.get('port', 5432)}/{quote(str(p.get('dbname', '')))}"
-        )
 
 
 # -- SQL helpers (identifiers always go through psycopg.sql quoting) ------------------------------------------
@@ -418,17 +447,25 @@ def _sql(template: str, *parts):
     return sql.SQL(template).format(*parts)
 
 
-def _short(name: str, limit: int = 40) -> str:
+def _short(name: str, limit: int = 30) -> str:
     """A prefix of ``name`` that fits in ``limit`` UTF-8 bytes (PostgreSQL names stop at 63 bytes)."""
     return name.encode()[:limit].decode(errors="ignore")
 
 
-def _index_name(table_name: str, purpose: str) -> str:
-    return f"{_short(table_name)}__amp_{purpose}"
+def _index_names(table: TableRef) -> tuple[str, str]:
+    """(range index, key index) names: a readable prefix and a hash of the full name, so long names that share
+    their first bytes never share an index name."""
+    digest = hashlib.sha1(f"{table.namespace or 'public'}.{table.name}".encode()).hexdigest()[:12]
+    return f"{_short(table.name, 24)}_{digest}_range", f"{_short(table.name, 24)}_{digest}_key"
+
+
+def _types(cols: list[_Column]) -> dict[str, tuple[str, bool]]:
+    return {c.name: (c.pg_type, c.nullable) for c in cols}
 
 
 def _create_schema(cur, table: TableRef) -> None:
     namespace = table.namespace or "public"
+    # look first: CREATE SCHEMA IF NOT EXISTS still needs the CREATE privilege when the schema exists
     cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (namespace,))
     if cur.fetchone() is None:
         cur.execute(_sql("CREATE SCHEMA IF NOT EXISTS {}", _id(namespace)))
@@ -441,18 +478,17 @@ def _create_table(cur, target, cols: list[_Column]) -> None:
     cur.execute(sql.SQL("CREATE TABLE {} ({})").format(target, sql.SQL(", ").join(defs)))
 
 
-def _create_indexes(cur, table: TableRef, target, name: str) -> None:
+def _create_indexes(cur, table: TableRef, target, names: tuple[str, str]) -> None:
     from psycopg import sql
 
+    range_index, key_index = names
     cur.execute(
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-            _id(_index_name(name, "range")), target, _id(table.range_column)
-        )
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(_id(range_index), target, _id(table.range_column))
     )
     if table.key:
         cur.execute(
             sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})").format(
-                _id(_index_name(name, "key")), target, sql.SQL(", ").join(_id(k) for k in table.key)
+                _id(key_index), target, sql.SQL(", ").join(_id(k) for k in table.key)
             )
         )
 
@@ -486,43 +522,25 @@ def _delete(cur, table: TableRef, rows: RowRange) -> int:
 def _set_comment(cur, target, schema: pa.Schema) -> None:
     from psycopg import sql
 
-    payload = json.dumps({COMMENT_TAG: {"arrow_schema": base64.b64encode(schema.serialize()).decode()}})
+    payload = json.dumps({COMMENT_TAG: {"arrow_schema": schema_to_text(schema)}})
     cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(target, sql.Literal(payload)))
 
 
-def _stored_schema(cur, table: TableRef) -> pa.Schema | None:
+def _comment(cur, table: TableRef) -> str | None:
     cur.execute(
         "SELECT obj_description(c.oid, 'pg_class') FROM pg_class c JOIN pg_namespace n ON c.relnamespace = n.oid "
         "WHERE n.nspname = %s AND c.relname = %s",
         (table.namespace or "public", table.name),
     )
     row = cur.fetchone()
+    return row[0] if row else None
+
+
+def _stored_schema(cur, table: TableRef) -> pa.Schema | None:
     try:
-        encoded = json.loads(row[0])[COMMENT_TAG]["arrow_schema"]
-        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(encoded)))
+        return schema_from_text(json.loads(_comment(cur, table))[COMMENT_TAG]["arrow_schema"])
     except (TypeError, ValueError, KeyError):
         return None
-
-
-def _merge(stored: pa.Schema | None, incoming: pa.Schema) -> pa.Schema:
-    if stored is None:
-        return incoming
-    new = [f for f in incoming if stored.get_field_index(f.name) < 0]
-    return pa.schema([*stored, *new])
-
-
-def _read_schema(native: pa.Schema, stored: pa.Schema | None) -> pa.Schema:
-    """The original Arrow types, where PostgreSQL's column maps back losslessly (jsonb stays JSON text)."""
-    fields = []
-    for field in native:
-        have = field.type.storage_type if isinstance(field.type, pa.BaseExtensionType) else field.type
-        index = -1 if stored is None else stored.get_field_index(field.name)
-        want = stored.field(index) if index >= 0 else None
-        if want is not None and not _is_json(want.type):
-            fields.append(pa.field(field.name, want.type, want.nullable))
-        else:
-            fields.append(pa.field(field.name, have, field.nullable))
-    return pa.schema(fields)
 
 
 def _is_json(t: pa.DataType) -> bool:
@@ -533,65 +551,27 @@ def _is_json(t: pa.DataType) -> bool:
     return pa.types.is_nested(t)
 
 
-def _cast_batch(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
-    columns = []
-    for column, field in zip(batch.columns, target, strict=True):
-        if isinstance(column.type, pa.BaseExtensionType):
-            column = column.storage
-        columns.append(column if column.type == field.type else column.cast(field.type))
-    return pa.RecordBatch.from_arrays(columns, schema=target)
-
-
-def _convert(batch: pa.RecordBatch, cols: list[_Column]) -> pa.RecordBatch:
-    arrays = [c.convert(a) if c.convert else a for a, c in zip(batch.columns, cols, strict=True)]
-    return pa.RecordBatch.from_arrays(arrays, names=[c.name for c in cols])
-
-
-def _then(first: Callable, second: Callable | None) -> Callable:
-    return first if second is None else (lambda a: second(first(a)))
+def _read_schema(native: pa.Schema, stored: pa.Schema | None) -> pa.Schema:
+    """The original Arrow types, where PostgreSQL's column maps back losslessly (jsonb stays JSON text)."""
+    fields = []
+    for field in native:
+        index = -1 if stored is None else stored.get_field_index(field.name)
+        if index >= 0 and not _is_json(stored.field(index).type):
+            fields.append(stored.field(index))
+        else:
+            have = field.type.storage_type if isinstance(field.type, pa.BaseExtensionType) else field.type
+            fields.append(pa.field(field.name, have, field.nullable))
+    return pa.schema(fields)
 
 
 def _list_items(convert: Callable[[pa.Array], pa.Array]) -> Callable[[pa.Array], pa.Array]:
     def apply(array: pa.Array) -> pa.Array:
         if pa.types.is_fixed_size_list(array.type):
             array = array.cast(pa.list_(array.type.value_field))
-        offsets = pc.subtract(array.offsets, array.offsets[0])
+        first, last = array.offsets[0].as_py(), array.offsets[-1].as_py()
+        values = convert(array.values.slice(first, last - first))
         mask = pc.is_null(array) if array.null_count else None
-        return pa.ListArray.from_arrays(offsets, convert(array.flatten()), mask=mask)
-
-    return apply
-
-
-def _checked_int64(name: str) -> Callable[[pa.Array], pa.Array]:
-    def apply(array: pa.Array) -> pa.Array:
-        try:
-            return array.cast(pa.int64())
-        except pa.ArrowInvalid:
-            worst = pc.max(array).as_py()
-            raise TerminalError(
-                f"PostgreSQL: column {name!r} holds {worst}, above bigint's maximum 9223372036854775807. "
-                'Use PostgresLoader(uint64="numeric") to store uint64 exactly as numeric(20,0).'
-            ) from None
-
-    return apply
-
-
-def _microseconds(name: str, t: pa.DataType, truncate: bool) -> Callable[[pa.Array], pa.Array]:
-    if pa.types.is_timestamp(t):
-        target = pa.timestamp("us", t.tz)
-    elif pa.types.is_time(t):
-        target = pa.time64("us")
-    else:
-        target = pa.duration("us")
-
-    def apply(array: pa.Array) -> pa.Array:
-        try:
-            return array.cast(target, safe=not truncate)
-        except pa.ArrowInvalid:
-            raise TerminalError(
-                f"PostgreSQL: column {name!r} has nanoseconds that PostgreSQL (microsecond precision) would "
-                "drop. Round it in the query, or pass truncate_timestamps=True to truncate to microseconds."
-            ) from None
+        return pa.ListArray.from_arrays(pc.subtract(array.offsets, first), values, mask=mask)
 
     return apply
 
@@ -600,10 +580,12 @@ def _is_transient(exc: BaseException) -> bool:
     import psycopg
     from psycopg import errors
 
+    if isinstance(exc, AmpDagsterError):
+        return exc.transient
     if isinstance(exc, errors.DeadlockDetected | errors.SerializationFailure | errors.LockNotAvailable):
         return True
     # connection-level failures (refused, reset, server shutting down) are OperationalError without a SQLSTATE
-    # or with class 08 / 57P
+    # or with class 08, 57P or 53 (insufficient resources)
     if isinstance(exc, psycopg.OperationalError):
         state = getattr(exc, "sqlstate", None) or ""
         return state == "" or state.startswith(("08", "57P", "53"))

@@ -54,8 +54,8 @@ class Harness(ABC):
         """A loader on the real service, writing somewhere only this test uses."""
 
     @abstractmethod
-    def unreachable_loader(self) -> Loader | None:
-        """A loader configured for a service that does not answer (a closed port), with a password set
+    def unreachable_loader(self, port: int) -> Loader | None:
+        """A loader for a service that does not answer (127.0.0.1 and the given closed port), with a password set
         to ``"s3cret-pw"`` where the store takes one, and fast retries. None if the store has no service."""
 
     def read_back(self, loader: Loader, table: TableRef) -> pa.Table:

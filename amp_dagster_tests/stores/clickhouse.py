@@ -18,7 +18,6 @@ from clickhouse_connect.driver.binding import escape_str
 from amp_dagster.loaders.clickhouse import ClickHouseLoader
 from amp_dagster.retry import RetryPolicy
 
-from ..services import closed_port
 from . import Harness
 
 _DIR = os.environ.get("AMP_TEST_CHDB_DIR") or tempfile.mkdtemp(prefix="amp_chdb_")
@@ -40,11 +39,11 @@ class ClickHouseHarness(Harness):
         admin()  # open the engine before any loader, and keep it open
         return ClickHouseLoader(CHDB_DSN, **options)
 
-    def unreachable_loader(self) -> ClickHouseLoader:
+    def unreachable_loader(self, port: int) -> ClickHouseLoader:
         # the HTTP client of clickhouse-connect, as for a real server: the code path chdb does not take
         return ClickHouseLoader(
             host="127.0.0.1",
-            port=closed_port(),
+            port=port,
             username="amp",
             password="s3cret-pw",
             connect_timeout=2,

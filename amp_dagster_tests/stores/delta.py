@@ -11,5 +11,5 @@ class DeltaHarness(Harness):
     def make_loader(self, **options) -> DeltaLoader:
         return DeltaLoader(self.tmp_path / "delta", **options)
 
-    def unreachable_loader(self) -> None:
+    def unreachable_loader(self, port: int) -> None:
         return None  # a local directory has no service to be down; unwritable locations are tested in test_delta

@@ -11,5 +11,5 @@ class LmdbHarness(Harness):
     def make_loader(self, **options) -> LmdbLoader:
         return LmdbLoader(self.tmp_path / "lmdb", **options)
 
-    def unreachable_loader(self) -> None:
+    def unreachable_loader(self, port: int) -> None:
         return None  # embedded: there is no service to be down (unusable paths are tested in test_lmdb.py)

@@ -8,7 +8,7 @@ from psycopg import sql
 from amp_dagster.loaders.postgres import PostgresLoader
 from amp_dagster.retry import RetryPolicy
 
-from ..services import POSTGRES_DSN, closed_port
+from ..services import POSTGRES_DSN
 from . import Harness
 
 
@@ -18,9 +18,9 @@ class PostgresHarness(Harness):
     def make_loader(self, **options) -> PostgresLoader:
         return PostgresLoader(POSTGRES_DSN, **options)
 
-    def unreachable_loader(self) -> PostgresLoader:
+    def unreachable_loader(self, port: int) -> PostgresLoader:
         return PostgresLoader(
-            f"postgresql://amp:s3cret-pw@127.0.0.1:{closed_port()}/test",
+            f"postgresql://amp:s3cret-pw@127.0.0.1:{port}/test",
             connect_timeout=2,
             retry=RetryPolicy(attempts=2, initial_delay=0.01),
         )

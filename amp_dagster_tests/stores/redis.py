@@ -7,7 +7,7 @@ import redis
 from amp_dagster.loaders.redis import RedisLoader
 from amp_dagster.retry import RetryPolicy
 
-from ..services import REDIS_URL, closed_port
+from ..services import REDIS_URL
 from . import Harness
 
 
@@ -15,9 +15,9 @@ class RedisHarness(Harness):
     def make_loader(self, **options) -> RedisLoader:
         return RedisLoader(REDIS_URL, prefix=self.namespace, **options)
 
-    def unreachable_loader(self) -> RedisLoader:
+    def unreachable_loader(self, port: int) -> RedisLoader:
         return RedisLoader(
-            f"redis://:s3cret-pw@127.0.0.1:{closed_port()}/0",
+            f"redis://:s3cret-pw@127.0.0.1:{port}/0",
             prefix=self.namespace,
             connect_timeout=2,
             retry=RetryPolicy(attempts=2, initial_delay=0.01),
