@@ -125,9 +125,8 @@ class PostgresLoader(Loader):
 
         if uint64 not in ("numeric", "bigint"):
             raise TerminalError(f'PostgresLoader uint64 must be "numeric" or "bigint", got {uint64!r}')
-        self._conninfo = psycopg.conninfo.make_conninfo(
-            conninfo, connect_timeout=connect_timeout, application_name="amp_dagster", **params
-        )
+        params.setdefault("application_name", "amp_dagster")
+        self._conninfo = psycopg.conninfo.make_conninfo(conninfo, connect_timeout=connect_timeout, **params)
         info = psycopg.conninfo.conninfo_to_dict(self._conninfo)
         self._secret = str(info.get("password") or "")
         self.where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
