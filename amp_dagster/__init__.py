@@ -1,0 +1,118 @@
+"""amp_dagster: blockchain data from amp (Flight SQL) into PostgreSQL, Redis, ClickHouse, Delta Lake, Iceberg and
+LMDB, inside Dagster.
+
+The public API is listed here. Names are imported on first use, so that ``import amp_dagster`` (and the CLI) stays
+fast and a driver you do not use is never imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    # the query side
+    "AmpClient": "flight.client",
+    "AmpStream": "flight.client",
+    "QueryResult": "flight.client",
+    "BlockRange": "flight.protocol",
+    "Watermark": "flight.protocol",
+    "Cursor": "flight.protocol",
+    "Data": "flight.protocol",
+    "Checkpoint": "flight.protocol",
+    "Rollback": "flight.protocol",
+    "Reorg": "flight.protocol",
+    "Rewind": "flight.protocol",
+    "ProtocolError": "flight.protocol",
+    "DevServer": "devserver.server",
+    "Fault": "devserver.server",
+    "Chain": "devserver.chain",
+    # sources
+    "Source": "sources",
+    "AmpQuerySource": "sources",
+    "FlightSqlSource": "sources",
+    "CursorSource": "sources",
+    "Page": "sources",
+    # the write side
+    "Loader": "loaders.base",
+    "TableRef": "loaders.base",
+    "RowRange": "loaders.base",
+    "Capabilities": "loaders.base",
+    "WriteResult": "loaders.base",
+    "PostgresLoader": "loaders.postgres",
+    "RedisLoader": "loaders.redis",
+    "ClickHouseLoader": "loaders.clickhouse",
+    "DeltaLoader": "loaders.delta",
+    "IcebergLoader": "loaders.iceberg",
+    "LmdbLoader": "loaders.lmdb",
+    # errors and retries
+    "AmpDagsterError": "errors",
+    "TransientError": "errors",
+    "TerminalError": "errors",
+    "ServiceUnavailableError": "errors",
+    "QueryError": "errors",
+    "AuthenticationError": "errors",
+    "SchemaMismatchError": "errors",
+    "NotSupportedError": "errors",
+    "ConfigError": "errors",
+    "RetryPolicy": "retry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'amp_dagster' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return [*globals(), *__all__]
+
+
+if TYPE_CHECKING:
+    from .devserver.chain import Chain as Chain
+    from .devserver.server import DevServer as DevServer
+    from .devserver.server import Fault as Fault
+    from .errors import AmpDagsterError as AmpDagsterError
+    from .errors import AuthenticationError as AuthenticationError
+    from .errors import ConfigError as ConfigError
+    from .errors import NotSupportedError as NotSupportedError
+    from .errors import QueryError as QueryError
+    from .errors import SchemaMismatchError as SchemaMismatchError
+    from .errors import ServiceUnavailableError as ServiceUnavailableError
+    from .errors import TerminalError as TerminalError
+    from .errors import TransientError as TransientError
+    from .flight.client import AmpClient as AmpClient
+    from .flight.client import AmpStream as AmpStream
+    from .flight.client import QueryResult as QueryResult
+    from .flight.protocol import BlockRange as BlockRange
+    from .flight.protocol import Checkpoint as Checkpoint
+    from .flight.protocol import Cursor as Cursor
+    from .flight.protocol import Data as Data
+    from .flight.protocol import ProtocolError as ProtocolError
+    from .flight.protocol import Reorg as Reorg
+    from .flight.protocol import Rewind as Rewind
+    from .flight.protocol import Rollback as Rollback
+    from .flight.protocol import Watermark as Watermark
+    from .loaders.base import Capabilities as Capabilities
+    from .loaders.base import Loader as Loader
+    from .loaders.base import RowRange as RowRange
+    from .loaders.base import TableRef as TableRef
+    from .loaders.base import WriteResult as WriteResult
+    from .loaders.clickhouse import ClickHouseLoader as ClickHouseLoader
+    from .loaders.delta import DeltaLoader as DeltaLoader
+    from .loaders.iceberg import IcebergLoader as IcebergLoader
+    from .loaders.lmdb import LmdbLoader as LmdbLoader
+    from .loaders.postgres import PostgresLoader as PostgresLoader
+    from .loaders.redis import RedisLoader as RedisLoader
+    from .retry import RetryPolicy as RetryPolicy
+    from .sources import AmpQuerySource as AmpQuerySource
+    from .sources import CursorSource as CursorSource
+    from .sources import FlightSqlSource as FlightSqlSource
+    from .sources import Page as Page
+    from .sources import Source as Source
