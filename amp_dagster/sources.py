@@ -80,7 +80,8 @@ class AmpQuerySource:
         if not bounds:
             return self.sql
         # the bounds are integers formatted here, never user text; amp pushes the filter down to the scan
-        return f"SELECT * FROM ({self.sql}) AS amp_source WHERE {' AND '.join(bounds)}"
+        inner = self.sql.strip().rstrip(";")
+        return f"SELECT * FROM ({inner}) AS amp_source WHERE {' AND '.join(bounds)}"
 
 
 class FlightSqlSource:

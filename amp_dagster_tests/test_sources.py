@@ -29,7 +29,7 @@ def test_every_source_is_a_source():
 
 def test_amp_batch_query_by_block_range(devserver):
     server = devserver(blocks=300)
-    source = AmpQuerySource(AmpClient(server.url), "SELECT * FROM eth_rpc.logs", blocks=RowRange(100, 149))
+    source = AmpQuerySource(AmpClient(server.url), "SELECT * FROM eth_rpc.logs;\n", blocks=RowRange(100, 149))
     events = list(source.read())
     rows = _rows(events)
     assert pc.min(rows["_block_num"]).as_py() == 100 and pc.max(rows["_block_num"]).as_py() == 149
