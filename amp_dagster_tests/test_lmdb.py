@@ -1,9 +1,14 @@
-"""LMDB loader and its row codec: round-trips at the edges, key order, index consistency, lookups, map growth, paths."""
+"""LMDB loader and its row codec: round-trips at the edges, key order, index consistency, lookups, a full map,
+writemap and crashes, paths; and the atomicity cases of the contract suite again without writemap."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import resource
+import signal
+import subprocess
+import sys
 from decimal import Decimal
 
 import lmdb
@@ -18,8 +23,11 @@ from amp_dagster.loaders.lmdb import LmdbLoader
 from amp_dagster.loaders.rowcodec import RowCodec, iter_values, ordered_keys
 
 from . import data
+from . import test_loader_contract as contract
+from .stores.lmdb import LmdbHarness
 
 LOG_KEY = ("block_num", "log_index")
+SORT_LOGS = [("block_num", "ascending"), ("log_index", "ascending")]
 
 # -- the row codec --------------------------------------------------------------------------------------------
 
@@ -206,9 +214,8 @@ def _assert_index_consistent(loader: LmdbLoader, table: TableRef) -> int:
     assert len(entries) == len(rows)
     width = 8  # _block_num is uint64
     assert sorted(e[width:] for e in entries) == sorted(rows)
-    for entry in entries:
-        stored = codec.decode(pa.array([rows[entry[width:]]], pa.large_binary()))
-        assert stored.column("_block_num")[0].as_py() == int.from_bytes(entry[:width], "big")
+    stored = codec.decode(pa.array([rows[entry[width:]] for entry in entries], pa.large_binary()))
+    assert stored.column("_block_num").to_pylist() == [int.from_bytes(entry[:width], "big") for entry in entries]
     return len(entries)
 
 
@@ -282,7 +289,7 @@ def test_point_lookup_by_key(loader):
     assert loader.get(table, as_int64.to_batches()[0]).to_pylist() == wanted.to_pylist()
     with pytest.raises(SchemaMismatchError, match=r"lack key column.*'log_index'"):
         loader.get(table, keys.drop_columns(["log_index"]))
-    with pytest.raises(SchemaMismatchError, match="'block_num'"):
+    with pytest.raises(TerminalError, match=r"'block_num' .*does not fit the table's type uint64"):
         loader.get(table, keys.set_column(1, "block_num", pa.array(["x"] * 4)))
     keyless = TableRef("nokey")
     loader.ensure_table(keyless, logs.schema)
@@ -367,37 +374,80 @@ def test_loaders_on_one_path_share_the_environment(tmp_path):
         assert third.read(table).read_all().num_rows == logs.num_rows
 
 
-def test_a_full_map_grows_and_the_write_completes(tmp_path):
+@pytest.mark.parametrize("writemap", [True, False], ids=["writemap", "heap"])
+def test_a_full_map_rolls_back_and_names_the_fix(tmp_path, writemap):
     table = TableRef("logs", key=LOG_KEY)
-    logs = data.logs(0, 400)  # ~ 1 MB of rows and index: far beyond the map
-    with LmdbLoader(tmp_path / "env", map_size=64 * 1024) as small:
-        small.ensure_table(table, logs.schema)
-        result = small.write(table, logs)
-        assert result.rows == logs.num_rows
-        assert small._env().info()["map_size"] > 64 * 1024
-        got = small.read(table).read_all()
-        assert got.num_rows == logs.num_rows
-        assert pc.sum(got["log_index"]).as_py() == pc.sum(logs["log_index"]).as_py()
-
-
-def test_a_full_map_on_a_stream_rolls_back_grows_and_asks_for_a_retry(tmp_path):
-    table = TableRef("logs", key=LOG_KEY)
-    first, more = data.logs(0, 5), data.logs(6, 400)
-    with LmdbLoader(tmp_path / "env", map_size=64 * 1024) as small:
+    first, more = data.logs(0, 5), data.logs(6, 400)  # ~ 1 MB of rows and index: far beyond the map
+    with LmdbLoader(tmp_path / "env", map_size=256 * 1024, writemap=writemap) as small:
         small.ensure_table(table, first.schema)
         small.write(table, first)
-        with pytest.raises(TransientError, match=r"map \([\d,]+ bytes\) filled up.*rolled back.*write the data again"):
-            small.write(table, data.in_batches(more, 100))
-        assert small.read(table).read_all().num_rows == first.num_rows
-        grown = small._env().info()["map_size"]
-        while True:  # what the sync engine's retry does; each attempt grows the map further
-            try:
-                small.write(table, data.in_batches(more, 100))
-                break
-            except TransientError:
-                assert small._env().info()["map_size"] > grown
-                grown = small._env().info()["map_size"]
-        assert small.read(table).read_all().num_rows == first.num_rows + more.num_rows
+        for attempt in (more, data.in_batches(more, 100)):
+            with pytest.raises(TerminalError, match=r"outgrows the map of 262,144 bytes.*rolled back.*larger map_size"):
+                small.write(table, attempt, replace=RowRange(0))
+            assert small.read(table).read_all().sort_by(SORT_LOGS).equals(first.sort_by(SORT_LOGS).combine_chunks())
+    with LmdbLoader(tmp_path / "env", map_size=16 << 20, writemap=writemap) as larger:  # reopened: LMDB takes it
+        larger.write(table, more)
+        assert larger.read(table).read_all().num_rows == first.num_rows + more.num_rows
+
+
+def test_writemap_sizes_the_file_to_the_map_sparsely(tmp_path):
+    """The trade-off the module docstring describes: with writemap the file's apparent size is the map's."""
+    logs = data.logs(0, 50)
+    for writemap in (True, False):
+        with LmdbLoader(tmp_path / str(writemap), writemap=writemap) as loader:
+            loader.ensure_table(TableRef("logs"), logs.schema)
+            loader.write(TableRef("logs"), logs)
+        file = (tmp_path / str(writemap) / "data.mdb").stat()
+        assert file.st_blocks * 512 < 8 << 20  # the disk holds only what was written, either way
+        assert (file.st_size == 1 << 40) is writemap
+
+
+_CRASHING_WRITER = """
+import os, signal, sys
+import pyarrow as pa
+from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.lmdb import LmdbLoader
+from amp_dagster_tests import data
+
+loader = LmdbLoader(sys.argv[1], writemap=sys.argv[2] == "True")
+table = TableRef("logs", key=("block_num", "log_index"))
+loader.ensure_table(table, data.logs(0, 0).schema)
+loader.write(table, data.logs(0, 99))
+
+def dying():
+    yield from data.logs(0, 2_000, seed=7).to_batches(max_chunksize=5_000)  # dirties thousands of pages
+    os.kill(os.getpid(), signal.SIGKILL)
+
+loader.write(table, pa.RecordBatchReader.from_batches(data.logs(0, 0).schema, dying()), replace=RowRange(0))
+"""
+
+
+@pytest.mark.parametrize("writemap", [True, False], ids=["writemap", "heap"])
+def test_a_process_killed_in_the_middle_of_a_write_leaves_the_committed_rows(tmp_path, writemap):
+    """With writemap the killed write's pages are already in the file; they must stay unreferenced."""
+    done = subprocess.run([sys.executable, "-c", _CRASHING_WRITER, str(tmp_path / "env"), str(writemap)], check=False)
+    assert done.returncode == -signal.SIGKILL
+    with LmdbLoader(tmp_path / "env", writemap=writemap) as loader:
+        table = TableRef("logs", key=LOG_KEY)
+        want = data.logs(0, 99).sort_by(SORT_LOGS).combine_chunks()
+        assert loader.read(table).read_all().sort_by(SORT_LOGS).equals(want)
+        loader.write(table, data.logs(100, 120))
+        assert _assert_index_consistent(loader, table) == data.logs(0, 120).num_rows
+
+
+def test_a_file_size_limit_with_writemap_names_the_fix(tmp_path):
+    """writemap sizes data.mdb to the map: a file system or limit that refuses it must lead to the two ways out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, hard))  # Python ignores SIGXFSZ: ftruncate fails EFBIG
+    try:
+        with pytest.raises(TerminalError, match=r"File too large.*1,099,511,627,776 bytes.*map_size or writemap=False"):
+            LmdbLoader(tmp_path / "env").ensure_table(TableRef("logs"), data.logs(0, 1).schema)
+        with LmdbLoader(tmp_path / "env", writemap=False) as loader:
+            loader.ensure_table(TableRef("logs"), data.logs(0, 1).schema)
+            loader.write(TableRef("logs"), data.logs(0, 1))
+            assert loader.read(TableRef("logs")).read_all().num_rows == data.logs(0, 1).num_rows
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 @pytest.mark.parametrize("where", ["under_a_file", "proc"])
@@ -425,20 +475,6 @@ def test_lmdb_itself_sees_the_committed_rows(loader):
     assert isinstance(env, lmdb.Environment)
 
 
-def test_a_read_open_while_the_map_grows_fails_transiently_and_can_be_repeated(tmp_path):
-    table = TableRef("logs", key=LOG_KEY)
-    logs = data.logs(0, 20)
-    with LmdbLoader(tmp_path / "env", map_size=1024 * 1024, batch_rows=10) as small:
-        small.ensure_table(table, logs.schema)
-        small.write(table, logs)
-        batches = iter(small.read(table))
-        assert next(batches).num_rows == 10
-        small.write(table, data.logs(21, 600))  # grows the map
-        with pytest.raises(TransientError, match=r"grew the map while this read was open.*Read again"):
-            next(batches)
-        assert small.read(table).read_all().num_rows == logs.num_rows + data.logs(21, 600).num_rows
-
-
 def test_ordered_batches_use_append_only_where_it_is_safe(loader):
     """MDB_APPEND silently skips keys not above the last one: sorted data below or equal to it must still land."""
     table = TableRef("logs", key=LOG_KEY)
@@ -450,3 +486,30 @@ def test_ordered_batches_use_append_only_where_it_is_safe(loader):
     with pytest.raises(TerminalError, match="already holds"):
         loader.write(table, high.slice(high.num_rows - 1))  # ordered, equal to the last key
     assert _assert_index_consistent(loader, table) == high.num_rows + low.num_rows
+
+
+# -- the contract's write-path and atomicity cases again with writemap=False (the contract suite runs the default)
+
+
+test_every_type_round_trips = contract.test_every_type_round_trips
+test_replace_range_twice_leaves_one_copy = contract.test_replace_range_twice_leaves_one_copy
+test_delete_a_bounded_range = contract.test_delete_a_bounded_range
+test_failed_replace_table_leaves_the_old_table_intact = contract.test_failed_replace_table_leaves_the_old_table_intact
+test_a_source_dying_during_a_range_replace = contract.test_a_source_dying_during_a_range_replace
+test_rows_without_a_range_value_are_refused = contract.test_rows_without_a_range_value_are_refused
+test_upsert_by_key_or_a_clear_refusal = contract.test_upsert_by_key_or_a_clear_refusal
+test_new_nullable_column_is_added_or_named = contract.test_new_nullable_column_is_added_or_named
+
+
+class _HeapHarness(LmdbHarness):
+    def make_loader(self, **options) -> LmdbLoader:
+        loader = super().make_loader(writemap=False, **options)
+        assert not loader._env().flags()["writemap"]
+        return loader
+
+
+@pytest.fixture
+def store(tmp_path):
+    harness = _HeapHarness(tmp_path)
+    yield harness
+    harness.cleanup()

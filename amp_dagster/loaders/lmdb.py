@@ -1,9 +1,10 @@
 """LMDB loader: rows as compact encoded values under order-preserving keys, with a block index for range deletes.
 
 Layout. One LMDB environment (a directory) per path; a loader shares it with every other loader of this process on
-the same path, because LMDB must not be opened twice in one process. A catalog database (``amp_dagster:tables``)
-maps each table (the JSON text ``[namespace, name]``, so any name is just bytes) to its Arrow schema, key columns,
-range column and row sequence. Each table has two named databases, ``rows:<ident>`` and ``index:<ident>``:
+the same path, because LMDB must not be opened twice in one process (the first loader's settings apply to all). A
+catalog database (``amp_dagster:tables``) maps each table (the JSON text ``[namespace, name]``, so any name is just
+bytes) to its Arrow schema, key columns, range column and row sequence. Each table has two named databases,
+``rows:<ident>`` and ``index:<ident>``:
 
 - rows: key → one encoded row (:mod:`.rowcodec`: a fixed-width header of bitmap and fixed columns, then
   length-prefixed variable parts, nested types recursively; written and read over whole columns).
@@ -19,32 +20,29 @@ that already exists fails the write (like a primary key) and names the row. Batc
 beyond the last stored key (chain data, usually) go in with MDB_APPEND, which skips the B-tree search.
 ``replace_table`` empties both databases and writes in one transaction. ``upsert`` overwrites by key, keeping the
 last of repeated keys, and deletes the index entries of rows whose old version it replaces. ``read`` streams batches
-from one read snapshot; ``get`` looks rows up by key. An LMDB write transaction is atomic: any failure aborts it and
-leaves the previous content untouched, so every capability flag is true (new nullable columns rewrite the rows
-once).
+from one read snapshot; ``get`` looks rows up by key. LMDB never writes over the pages of the last committed
+snapshot, so a failed write (or a crash in the middle of one) leaves the previous content untouched, and every
+capability flag is true (new nullable columns rewrite the rows once).
 
-Map size. The map is virtual address space (the file grows only with data), so the default is 1 TiB. If it fills
-up anyway, the transaction aborts, the map doubles, and data already in memory (a Table or RecordBatch) is written
-again; a stream that cannot be replayed raises a :class:`TransientError` so the caller retries it. Growing the map
-ends the read transactions open in this process: such a read fails with a :class:`TransientError` too.
-
-Cost per row that py-lmdb imposes (measured here, 1M logs rows of ~360 bytes, 2 cores): ``putmulti`` takes one
-Python tuple of two buffer objects per item. The loader slices them from whole-column buffers in C (``map`` over
-``slice``, no Python bytecode per row), which costs ~0.4 µs of the 0.9 µs (MDB_APPEND) to 1.2 µs per item that raw
-``putmulti`` needs before the commit, and a keyed row is two items (row and index entry). Reads get one ``bytes``
-per row from the cursor, joined in C: ~0.8 µs per row. Range deletes and upserts call ``delete`` once per row or
-stale index entry (LMDB has no bulk delete): ~0.75 µs each.
+Map and memory. ``map_size`` (1 TiB by default) is address space that bounds the environment, not disk; a write
+that would outgrow it is rolled back with an error asking for a larger one. With ``writemap=True`` (the default) a
+write transaction's dirty pages are the mapped file's own pages: page cache that the kernel writes back and may
+evict, so the heap stays flat however much one transaction writes (~130 MB anonymous memory streaming 1M or 5M
+logs rows), and writes are faster. The price: LMDB sizes ``data.mdb`` to ``map_size``, as a sparse file (``ls -l``
+shows 1 TiB; ``du`` and free space show the real use). Copy it with ``mdb_copy`` or a sparse-aware tool
+(``cp --sparse=always``, ``rsync -S``). On a filesystem without sparse files, pass ``writemap=False``: the file then
+grows with the data, but a write transaction keeps up to ~512 MB of dirty pages on the heap before LMDB spills them.
+Every process opening one path must pass the same ``writemap`` (LMDB's rule).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import threading
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
@@ -66,13 +64,14 @@ from .base import (
     TableRef,
     Tally,
     WriteResult,
-    check_in_range,
-    compare_columns,
+    checked_batches,
     key_columns,
-    record_batches,
+    last_per_key,
+    missing_table,
     require_columns,
 )
 from .rowcodec import RowCodec, check_key_type, from_values, iter_values, ordered_keys, strictly_increasing
+from .schema import cast_columns, check_schema, schema_from_text, schema_to_text, widen
 
 CATALOG = b"amp_dagster:tables"
 _SCAN = 4096  # keys taken per cursor step of a range delete
@@ -86,7 +85,6 @@ class _Shared:
 
     env: lmdb.Environment
     users: int = 0
-    growths: int = 0  # growing the map ends every read transaction open in this process
 
 
 _ENVS: dict[str, _Shared] = {}
@@ -144,10 +142,16 @@ class LmdbLoader(Loader):
     )
 
     def __init__(
-        self, path: str | os.PathLike, *, map_size: int = 1 << 40, max_dbs: int = 1024, batch_rows: int = 65_536
+        self,
+        path: str | os.PathLike,
+        *,
+        map_size: int = 1 << 40,
+        writemap: bool = True,
+        max_dbs: int = 1024,
+        batch_rows: int = 65_536,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
-        self._map_size, self._max_dbs, self._batch_rows = map_size, max_dbs, batch_rows
+        self._map_size, self._writemap, self._max_dbs, self._batch_rows = map_size, writemap, max_dbs, batch_rows
         self._shared: _Shared | None = None
         self._catalog = None
         self._schemas: dict[bytes, tuple[pa.Schema, RowCodec]] = {}
@@ -156,76 +160,63 @@ class LmdbLoader(Loader):
 
     def ensure_table(self, table: TableRef, schema: pa.Schema) -> None:
         self._check_schema(table, schema)
-
-        def work(txn, *_):
+        with self._writing(table) as txn:
             t = self._load(txn, table, write=True)
             if t is None:
                 self._save(txn, table, schema, 0)
                 self._load(txn, table, write=True)  # creates the table's databases
                 return
             self._check_layout(t, table)
-            existing = {f.name: str(f.type) for f in t.schema}
-            incoming = {f.name: (str(f.type), f.nullable) for f in schema}
-            added = compare_columns(self.store, table, existing, incoming, can_add=True)
+            added = check_schema(self.store, table, t.schema, schema, can_add=True)
             if added:
-                self._add_columns(txn, t, table, [schema.field(name) for name in added])
-
-        self._writing(table, None, work)
+                self._add_columns(txn, t, table, widen(t.schema, schema, added))
 
     def write(self, table: TableRef, data: ArrowData, *, replace: RowRange | None = None) -> WriteResult:
-        def work(txn, schema, batches):
+        schema, batches = checked_batches(data, table, self.store, replace)
+        tally = Tally()
+        with self._writing(table) as txn:
             t = self._require(txn, table)
             deleted = _delete_range(txn, t, replace) if replace is not None else 0
-            tally = Tally()
-            batches = check_in_range(self._conform(t, table, schema, batches), table, replace)
-            self._put_all(txn, t, table, tally.count(batches), upsert=False)
-            return tally, deleted
-
-        tally, deleted = self._writing(table, data, work)
+            self._put_all(txn, t, table, tally.count(self._conform(t, table, schema, batches)), upsert=False)
         return tally.result(deleted=deleted)
 
     def delete(self, table: TableRef, rows: RowRange) -> int:
-        def work(txn, *_):
+        with self._writing(table) as txn:
             t = self._load(txn, table, write=True)
             if t is None:
                 return 0
             self._check_layout(t, table)
             return _delete_range(txn, t, rows)
 
-        return self._writing(table, None, work)
-
     def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
-        def work(txn, schema, batches):
-            self._check_schema(table, schema)
+        schema, batches = checked_batches(data, table, self.store)
+        self._check_schema(table, schema)
+        tally = Tally()
+        with self._writing(table) as txn:
             self._save(txn, table, schema, 0)
             t = self._load(txn, table, write=True)
             txn.drop(t.rows, delete=False)
             txn.drop(t.index, delete=False)
-            tally = Tally()
             self._put_all(txn, t, table, tally.count(batches), upsert=False)
-            return tally
-
-        return self._writing(table, data, work).result()
+        return tally.result()
 
     def upsert(self, table: TableRef, data: ArrowData) -> WriteResult:
         key_columns(table, self.store)
-
-        def work(txn, schema, batches):
+        schema, batches = checked_batches(data, table, self.store)
+        tally = Tally()
+        with self._writing(table) as txn:
             t = self._require(txn, table)
-            tally = Tally()
             self._put_all(txn, t, table, tally.count(self._conform(t, table, schema, batches)), upsert=True)
-            return tally
-
-        return self._writing(table, data, work).result()
+        return tally.result()
 
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
-        txn = self._begin(write=False)  # one snapshot for the whole read, released when the batches are done
-        try:
-            with self._typed(table):
+        with self._typed(table):
+            txn = self._env().begin()  # one snapshot for the whole read, released when the batches are done
+            try:
                 t = self._require(txn, table)
-        except BaseException:
-            txn.abort()
-            raise
+            except BaseException:
+                txn.abort()
+                raise
         return pa.RecordBatchReader.from_batches(t.schema, self._decoded(txn, t, table, rows))
 
     def get(self, table: TableRef, keys: pa.Table | pa.RecordBatch) -> pa.Table:
@@ -233,7 +224,7 @@ class LmdbLoader(Loader):
         left out. ``keys`` needs the table's key columns and may hold others."""
         names = key_columns(table, self.store)
         keys = pa.Table.from_batches([keys]) if isinstance(keys, pa.RecordBatch) else keys
-        with self._typed(table), self._begin(write=False) as txn:
+        with self._typed(table), self._env().begin() as txn:
             t = self._require(txn, table)
             missing = [k for k in names if keys.schema.get_field_index(k) < 0]
             if missing:
@@ -241,9 +232,9 @@ class LmdbLoader(Loader):
                     f"LMDB table {table}: the lookup keys lack key column(s) {', '.join(map(repr, missing))}; "
                     f"they have {', '.join(keys.schema.names)}."
                 )
-            cursor, found = txn.cursor(t.rows), []
+            cursor, found, typed = txn.cursor(t.rows), [], pa.schema([t.schema.field(k) for k in names])
             for batch in keys.to_batches(max_chunksize=self._batch_rows):
-                columns = [self._cast_key(t, table, batch.column(k), k) for k in names]
+                columns = cast_columns(batch, typed, store=self.store, table=table).columns
                 pairs = cursor.getmulti(iter_values(ordered_keys(columns, names)))
                 if pairs:
                     found.append(t.codec.decode(from_values(list(map(itemgetter(1), pairs)))))
@@ -263,31 +254,28 @@ class LmdbLoader(Loader):
     def _env(self) -> lmdb.Environment:
         if self._shared is None:
             with _ENVS_LOCK:
-                shared = _ENVS.get(self.path)
-                if shared is None:
-                    try:
-                        os.makedirs(self.path, exist_ok=True)
-                        env = lmdb.open(self.path, map_size=self._map_size, max_dbs=self._max_dbs)
-                        env.open_db(CATALOG)
-                    except (OSError, lmdb.Error) as exc:
-                        raise TerminalError(
-                            f"LMDB: cannot open an environment at {self.path}: {exc}. Pass a path to a directory "
-                            "that exists or can be created and that this process can write."
-                        ) from None
-                    shared = _ENVS[self.path] = _Shared(env)
+                if self.path not in _ENVS:
+                    _ENVS[self.path] = _Shared(self._open())
+                shared = self._shared = _ENVS[self.path]
                 shared.users += 1
-            self._shared = shared
             self._catalog = shared.env.open_db(CATALOG)
         return self._shared.env
 
-    def _begin(self, write: bool):
-        env = self._env()
-        with self._typed(None):
-            try:
-                return env.begin(write=write)
-            except lmdb.MapResizedError:  # another process grew the map: adopt its size
-                env.set_mapsize(0)
-                return env.begin(write=write)
+    def _open(self) -> lmdb.Environment:
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            env = lmdb.open(self.path, map_size=self._map_size, writemap=self._writemap, max_dbs=self._max_dbs)
+            env.open_db(CATALOG)  # created here, so that a path LMDB cannot write fails here
+            return env
+        except (OSError, lmdb.Error) as exc:
+            sized = (
+                f" With writemap=True LMDB sizes data.mdb to map_size ({self._map_size:,} bytes, a sparse file): "
+                "where that is refused, pass a smaller map_size or writemap=False."
+            )
+            raise TerminalError(
+                f"LMDB: cannot open an environment at {self.path}: {exc}. Pass a path to a directory that exists "
+                f"or can be created and that this process can write.{sized if self._writemap else ''}"
+            ) from None
 
     @contextmanager
     def _typed(self, table: TableRef | None):
@@ -296,48 +284,20 @@ class LmdbLoader(Loader):
         except lmdb.Error as exc:
             raise self._translate(exc, table) from None
 
-    def _writing(self, table: TableRef, data: ArrowData | None, work: Callable) -> Any:
-        """Run ``work(txn, schema, batches)`` in one write transaction: it all commits, or it all aborts."""
-        schema, batches = record_batches(data) if data is not None else (None, None)
-        replayable = data is None or isinstance(data, pa.Table | pa.RecordBatch)
-        while True:
-            txn = self._begin(write=True)
-            try:
-                result = work(txn, schema, batches)
-                txn.commit()
-                return result
-            except lmdb.MapFullError:
-                txn.abort()
-                old, new = self._grow(getattr(data, "nbytes", 0))
-                if not replayable:
-                    raise TransientError(
-                        f"LMDB at {self.path}, table {table}: the map ({old:,} bytes) filled up and the write was "
-                        f"rolled back. The map is now {new:,} bytes; write the data again (or pass a larger map_size)."
-                    ) from None
-                schema, batches = record_batches(data) if data is not None else (None, None)
-            except lmdb.Error as exc:
-                txn.abort()
-                raise self._translate(exc, table) from None
-            except BaseException:
-                txn.abort()
-                raise
-
-    def _grow(self, hint: int) -> tuple[int, int]:
-        env = self._env()
-        info, page = env.info(), env.stat()["psize"]
-        used = (info["last_pgno"] + 1) * page
-        size = max(2 * info["map_size"], 2 * (used + 2 * hint))
-        try:  # fails while another thread of this process holds a write transaction
-            env.set_mapsize(-(-size // page) * page)
-            self._shared.growths += 1
-        except lmdb.Error as exc:
-            raise TransientError(f"LMDB at {self.path}: the map is full and could not grow now ({exc}).") from None
-        if env.info()["map_size"] <= info["map_size"]:
-            raise TerminalError(f"LMDB at {self.path}: the map is full at {info['map_size']:,} bytes and cannot grow")
-        return info["map_size"], env.info()["map_size"]
+    @contextmanager
+    def _writing(self, table: TableRef) -> Iterator[Any]:
+        """One write transaction: it commits if the block completes, and aborts on any error."""
+        with self._typed(table), self._env().begin(write=True) as txn:
+            yield txn
 
     def _translate(self, exc: lmdb.Error, table: TableRef | None) -> Exception:
         where = f"LMDB at {self.path}" + (f", table {table}" if table else "")
+        if isinstance(exc, lmdb.MapFullError | lmdb.MapResizedError):  # resized: another process's map is larger
+            return TerminalError(
+                f"{where}: the data outgrows the map of {self._env().info()['map_size']:,} bytes (a write that "
+                "meets it is rolled back). Close the loaders on this path and open them with a larger map_size "
+                "(every process on the path should pass the same)."
+            )
         if isinstance(exc, lmdb.BadValsizeError):
             return TerminalError(
                 f"{where}: a key is longer than LMDB's {self._env().max_key_size()}-byte limit ({exc}). Key the "
@@ -348,8 +308,7 @@ class LmdbLoader(Loader):
                 f"{where}: the environment already holds max_dbs={self._max_dbs} named databases (two per table). "
                 "Pass a larger max_dbs to LmdbLoader."
             )
-        if isinstance(exc, lmdb.ReadersFullError | lmdb.MapResizedError | lmdb.InvalidError):
-            # InvalidError: this process grew the map (or closed the loader) while a read was open
+        if isinstance(exc, lmdb.ReadersFullError):
             return TransientError(f"{where}: {exc}. Try again.")
         return TerminalError(f"{where}: {exc}")
 
@@ -371,7 +330,7 @@ class LmdbLoader(Loader):
             return None
         meta = json.loads(raw)
         if meta["schema"] not in self._schemas:
-            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(meta["schema"])))
+            schema = schema_from_text(meta["schema"])
             self._schemas[meta["schema"]] = (schema, RowCodec(schema))
         schema, codec = self._schemas[meta["schema"]]
         rows, index = (self._env().open_db(p + b":" + ident, txn=txn, create=write) for p in (b"rows", b"index"))
@@ -379,7 +338,7 @@ class LmdbLoader(Loader):
 
     def _save(self, txn, table: TableRef, schema: pa.Schema, seq: int) -> None:
         meta = {
-            "schema": base64.b64encode(schema.serialize()).decode(),
+            "schema": schema_to_text(schema),
             "key": list(table.key),
             "range_column": table.range_column,
             "seq": seq,
@@ -389,7 +348,7 @@ class LmdbLoader(Loader):
     def _require(self, txn, table: TableRef) -> _Table:
         t = self._load(txn, table, write=False)
         if t is None:
-            raise TerminalError(f"LMDB at {self.path}: table {table} does not exist. Call ensure_table() first.")
+            raise missing_table(self.store, f"at {self.path}", table)
         self._check_layout(t, table)
         return t
 
@@ -408,40 +367,27 @@ class LmdbLoader(Loader):
             )
 
     def _conform(self, t: _Table, table: TableRef, schema: pa.Schema, batches) -> Iterator[pa.RecordBatch]:
+        """The batches in the table's column order and exact Arrow types (what its codec encodes)."""
         new = [name for name in schema.names if t.schema.get_field_index(name) < 0]
         if new:
             raise SchemaMismatchError(
                 f"LMDB table {table}: the data has new column(s) {', '.join(map(repr, new))}. Call "
                 "ensure_table(table, data.schema) first to add them (they must be nullable)."
             )
-        existing = {f.name: str(f.type) for f in t.schema}
-        compare_columns(self.store, table, existing, {f.name: (str(f.type), f.nullable) for f in schema}, False)
-        for batch in batches:
-            yield pa.RecordBatch.from_arrays([batch.column(name) for name in t.schema.names], schema=t.schema)
-
-    def _cast_key(self, t: _Table, table: TableRef, column: pa.Array, name: str) -> pa.Array:
-        want = t.schema.field(name).type
-        try:
-            return column if column.type == want else column.cast(want)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise SchemaMismatchError(
-                f"LMDB table {table}: key column {name!r} is {want} in the table; the lookup keys hold {column.type} "
-                "values that do not convert. Cast the keys to the table's type."
-            ) from None
+        check_schema(self.store, table, t.schema, schema, can_add=False)
+        return (cast_columns(batch, t.schema, store=self.store, table=table) for batch in batches)
 
     # -- rows -----------------------------------------------------------------------------------------------
 
     def _put_all(self, txn, t: _Table, table: TableRef, batches, *, upsert: bool) -> None:
         rows, index, seq = txn.cursor(t.rows), txn.cursor(t.index), t.seq
         for batch in batches:
-            if not batch.num_rows:
-                continue
+            if upsert:  # an upsert's later rows win; one index entry per key
+                batch = last_per_key(pa.Table.from_batches([batch]), t.key).combine_chunks().to_batches()[0]
             keys = t.row_keys(batch, seq)
             seq += batch.num_rows
-            if upsert:
-                batch, keys = _last_per_key(batch, keys)
-                if t.indexed:
-                    _unindex(txn, t, rows, keys)
+            if upsert and t.indexed:
+                _unindex(txn, t, rows, keys)
             values = t.codec.encode(batch)
             pairs = zip(iter_values(keys), iter_values(values), strict=True)
             consumed, added = rows.putmulti(pairs, overwrite=upsert, append=_appends(rows, keys))
@@ -460,7 +406,7 @@ class LmdbLoader(Loader):
         if len(repeated):
             culprit = repeated[0]
         else:
-            with self._begin(write=False) as snapshot:
+            with self._env().begin() as snapshot:
                 held = snapshot.cursor(t.rows).getmulti(iter_values(keys), values=False)
             culprit = pa.scalar(held[0], pa.large_binary()) if held else None
         example = ""
@@ -473,10 +419,9 @@ class LmdbLoader(Loader):
             "replace=RowRange(...)) to replace their range."
         )
 
-    def _add_columns(self, txn, t: _Table, table: TableRef, fields: list[pa.Field]) -> None:
+    def _add_columns(self, txn, t: _Table, table: TableRef, wider: pa.Schema) -> None:
         """Rewrite every row with the new nullable columns (as nulls) appended, in this transaction."""
-        wider = pa.schema([*t.schema, *fields])
-        codec = RowCodec(wider)
+        codec, fields = RowCodec(wider), list(wider)[len(t.schema) :]
         cursor, writer = txn.cursor(t.rows), txn.cursor(t.rows)
         more = cursor.first()
         while more:
@@ -489,17 +434,10 @@ class LmdbLoader(Loader):
         self._save(txn, table, wider, t.seq)
 
     def _decoded(self, txn, t: _Table, table: TableRef, rows: RowRange | None) -> Iterator[pa.RecordBatch]:
-        growths = self._shared.growths
         try:
-            for values in _stored_values(txn, t, rows, self._batch_rows):
-                yield t.codec.decode(from_values(values))
-        except lmdb.Error as exc:
-            if self._shared is not None and self._shared.growths != growths:
-                raise TransientError(
-                    f"LMDB at {self.path}, table {table}: a write grew the map while this read was open, which "
-                    "ends the read transactions of this process. Read again."
-                ) from None
-            raise self._translate(exc, table) from None
+            with self._typed(table):
+                for values in _stored_values(txn, t, rows, self._batch_rows):
+                    yield t.codec.decode(from_values(values))
         finally:
             with suppress(lmdb.Error):  # the environment may be closed already
                 txn.abort()
@@ -560,17 +498,6 @@ def _appends(cursor, keys: pa.LargeBinaryArray) -> bool:
     than rejects) an appended key that is not.
     """
     return strictly_increasing(keys) and (not cursor.last() or bytes(next(iter_values(keys))) > cursor.key())
-
-
-def _last_per_key(batch: pa.RecordBatch, keys: pa.LargeBinaryArray) -> tuple[pa.RecordBatch, pa.LargeBinaryArray]:
-    """Keep the last row of each key (an upsert's later rows win), in input order."""
-    positions = pa.table({"k": keys, "i": pa.array(np.arange(len(keys)))})
-    last = positions.group_by("k", use_threads=False).aggregate([("i", "max")])["i_max"]
-    if len(last) == len(keys):
-        return batch, keys
-    keep = pc.sort_indices(last)
-    keep = pc.take(last, keep)
-    return batch.take(keep), keys.take(keep)
 
 
 def _unindex(txn, t: _Table, rows, keys: pa.LargeBinaryArray) -> None:

@@ -1,7 +1,8 @@
 """LMDB: the loader against raw ``putmulti`` of pre-encoded rows (the ceiling) and one IPC stream per row; reads too.
 
 Every write case stores the same thing, keyed by (block_num, log_index): one value per row plus one block-index
-entry per row, in one write transaction, committed durably (LMDB syncs on commit).
+entry per row, in one write transaction, committed durably (LMDB syncs on commit). The loader runs with its default
+``writemap=True`` (as the ceiling does) and with ``writemap=False`` (dirty pages on the heap until LMDB spills them).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _fresh(name: str):
 
 
 def _raw_env(name: str) -> lmdb.Environment:
-    return lmdb.open(str(ROOT / name), map_size=MAP_SIZE, max_dbs=4)
+    return lmdb.open(str(ROOT / name), map_size=MAP_SIZE, max_dbs=4, writemap=True)
 
 
 def main(rows: int, rounds: int) -> None:
@@ -68,15 +69,24 @@ def main(rows: int, rounds: int) -> None:
 
     # -- the loader ------------------------------------------------------------------------------------------------
 
-    def loader_write():
-        with LmdbLoader(ROOT / "loader") as loader:
-            loader.ensure_table(ref, table.schema)  # an empty catalog entry: negligible, but part of a real load
-            loader.write(ref, batches(table))
+    def loader_write(name: str, writemap: bool):
+        def run():
+            with LmdbLoader(ROOT / name, writemap=writemap) as loader:
+                loader.ensure_table(ref, table.schema)  # an empty catalog entry: negligible, but part of a real load
+                loader.write(ref, batches(table))
 
-    def check_loader():
-        with LmdbLoader(ROOT / "loader") as loader:
-            got = loader.read(ref).read_all()
-        assert got.num_rows == rows and pc.sum(got["log_index"].cast("int64")).as_py() == want_sum
+        return run
+
+    def check_loader(name: str, writemap: bool):
+        def run():
+            with LmdbLoader(ROOT / name, writemap=writemap) as loader:
+                got = loader.read(ref).read_all()
+            assert got.num_rows == rows and pc.sum(got["log_index"].cast("int64")).as_py() == want_sum
+
+        return run
+
+    def _loader_case(name: str, writemap: bool):
+        return loader_write(name, writemap), _fresh(name), check_loader(name, writemap)
 
     # -- the anti-pattern: an Arrow IPC stream per row, keys packed in Python, one put per row -------------------------
 
@@ -106,7 +116,8 @@ def main(rows: int, rounds: int) -> None:
         rows,
         [
             Case("raw putmulti(append), pre-encoded (ceiling)", raw_putmulti, _fresh("raw"), check_raw),
-            Case("LmdbLoader.write (encode + putmulti)", loader_write, _fresh("loader"), check_loader),
+            Case("LmdbLoader.write (writemap=True, default)", *_loader_case("loader", True)),
+            Case("LmdbLoader.write, writemap=False", *_loader_case("heap", False)),
             Case("IPC stream per row, put one by one", ipc_per_row, _fresh("ipc"), check_ipc),
         ],
         rounds,
