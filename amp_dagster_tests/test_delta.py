@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import threading
 from decimal import Decimal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
 from amp_dagster.errors import ConfigError, SchemaMismatchError, TerminalError, TransientError
 from amp_dagster.loaders.base import RowRange, TableRef
 from amp_dagster.loaders.delta import DeltaLoader, decode_name, encode_name
+from amp_dagster.loaders.lakehouse import portable_type
+from amp_dagster.retry import RetryPolicy
 
 from . import data
 
@@ -124,6 +128,63 @@ def test_a_concurrent_commit_is_a_transient_error_and_ours_commits_nothing(loade
     assert _version(loader, table) == 2  # create, first write, the other delete: ours did not commit
 
 
+def test_a_delete_that_lost_a_race_is_retried(tmp_path, monkeypatch):
+    loader = DeltaLoader(tmp_path, retry=RetryPolicy(attempts=3, initial_delay=0.001))
+    table = TableRef("logs", key=LOG_KEY)
+    logs = data.logs(0, 99)
+    below = logs.filter(pc.less(logs["_block_num"], 50))
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, below)
+    opened, open_table = [], loader._open
+
+    def stale(t: TableRef):
+        dt = open_table(t)
+        if not opened:  # another writer appends rows of the range after we looked: our delete must not miss them
+            DeltaLoader(tmp_path).write(table, logs.filter(pc.greater_equal(logs["_block_num"], 50)))
+        opened.append(dt)
+        return dt
+
+    monkeypatch.setattr(loader, "_open", stale)
+    deleted = loader.delete(table, RowRange(40))
+    assert len(opened) == 2  # the first attempt conflicted
+    kept = logs.filter(pc.less(logs["_block_num"], 40))
+    assert deleted == logs.num_rows - kept.num_rows
+    assert loader.read(table).read_all().sort_by([("block_num", "ascending"), ("log_index", "ascending")]) == kept
+
+
+def test_ensure_table_checks_a_table_another_writer_created_first(loader, monkeypatch):
+    table = TableRef("logs", key=LOG_KEY)
+    logs = data.logs(0, 1)
+    loader.ensure_table(table, logs.schema)  # the other writer's table
+    monkeypatch.setattr(loader, "_open", lambda t: None)  # we looked before it was there
+    index = logs.schema.get_field_index("data")
+    with pytest.raises(SchemaMismatchError, match="'data' is binary in the table but string"):
+        loader.ensure_table(table, logs.schema.set(index, pa.field("data", pa.string())))
+    assert _version(loader, table) == 0
+
+
+def test_writes_keep_to_the_file_size_and_row_group_size(tmp_path):
+    loader = DeltaLoader(tmp_path, target_file_size=64 * 1024, max_row_group_size=1000)
+    table = TableRef("logs", key=LOG_KEY)
+    logs = data.logs(0, 399)
+    loader.ensure_table(table, logs.schema)
+    assert loader.write(table, data.in_batches(logs, 500)).commits == 1
+    files = [pq.ParquetFile(uri.removeprefix("file://")) for uri in _table(loader, table).file_uris()]
+    assert len(files) > 1 and _version(loader, table) == 1
+    assert max(f.metadata.row_group(i).num_rows for f in files for i in range(f.num_row_groups)) <= 1000
+    assert sum(f.metadata.num_rows for f in files) == logs.num_rows
+
+
+def test_a_file_missing_under_a_read_is_a_typed_error(loader):
+    table = TableRef("logs", namespace="eth", key=LOG_KEY)
+    loader.ensure_table(table, data.logs(0, 9).schema)
+    loader.write(table, data.logs(0, 9))
+    for path in loader.path(table).glob("*.parquet"):
+        path.unlink()
+    with pytest.raises(TerminalError, match=r"Delta Lake table eth\.logs at .*: read failed"):
+        loader.read(table).read_all()
+
+
 # -- types ---------------------------------------------------------------------------------------------------
 
 EDGES = pa.schema(
@@ -206,7 +267,7 @@ def test_sub_microsecond_timestamps_fail_naming_the_column_or_truncate_when_aske
     table = TableRef("ts")
     strict = DeltaLoader(tmp_path / "strict")
     strict.ensure_table(table, ts.schema)
-    with pytest.raises(TerminalError, match=r"column 'when'.*1700000000123456789.*truncate_timestamps=True"):
+    with pytest.raises(TerminalError, match=r"column 'when' has nanoseconds.*truncate_timestamps=True"):
         strict.write(table, ts)
     assert strict.read(table).read_all().num_rows == 0
 
@@ -214,6 +275,57 @@ def test_sub_microsecond_timestamps_fail_naming_the_column_or_truncate_when_aske
     lenient.ensure_table(table, ts.schema)
     lenient.write(table, ts)
     assert lenient.read(table).read_all()["when"].cast(pa.int64()).to_pylist() == [1_700_000_000_123_456_000]
+
+
+DELTA = {"store": "Delta Lake", "small_ints": True, "keep_fixed_binary": False, "time_as_int": True}
+ICEBERG = {"store": "Iceberg", "small_ints": False, "keep_fixed_binary": True, "time_as_int": False}
+NESTED = pa.struct([("n", pa.uint64()), ("ids", pa.large_list(pa.binary(20)))])
+
+
+@pytest.mark.parametrize(
+    ("arrow", "delta", "iceberg"),
+    [
+        (pa.uint8(), pa.int16(), pa.int32()),
+        (pa.int8(), pa.int8(), pa.int32()),
+        (pa.uint16(), pa.int32(), pa.int32()),
+        (pa.uint32(), pa.int64(), pa.int64()),
+        (pa.uint64(), pa.decimal128(20, 0), pa.decimal128(20, 0)),
+        (pa.timestamp("ns", "+00:00"), pa.timestamp("us", "UTC"), pa.timestamp("us", "UTC")),
+        (pa.timestamp("ms"), pa.timestamp("us"), pa.timestamp("us")),
+        (pa.time32("s"), pa.int32(), pa.time64("us")),
+        (pa.time64("ns"), pa.int64(), pa.time64("us")),
+        (pa.binary(32), pa.binary(), pa.binary(32)),
+        (pa.dictionary(pa.int8(), pa.large_string()), pa.string(), pa.string()),
+        (pa.binary_view(), pa.binary(), pa.binary()),
+        (pa.decimal256(10, 2), pa.decimal128(10, 2), pa.decimal128(10, 2)),
+        (pa.list_(pa.uint32(), 2), pa.list_(pa.int64()), pa.list_(pa.int64())),
+        (
+            NESTED,
+            pa.struct([("n", pa.decimal128(20, 0)), ("ids", pa.list_(pa.binary()))]),
+            pa.struct([("n", pa.decimal128(20, 0)), ("ids", pa.list_(pa.binary(20)))]),
+        ),
+        (pa.map_(pa.large_string(), pa.uint16()), pa.map_(pa.string(), pa.int32()), pa.map_(pa.string(), pa.int32())),
+    ],
+)
+def test_portable_types_of_delta_and_iceberg(arrow, delta, iceberg):
+    assert portable_type(arrow, "c", **DELTA) == delta
+    assert portable_type(arrow, "c", **ICEBERG) == iceberg
+    for target in (delta, iceberg):  # each stores the values exactly and casts back
+        assert pa.array([None], arrow).cast(target).cast(arrow).type == arrow
+
+
+@pytest.mark.parametrize(
+    ("arrow", "options"),
+    [
+        (pa.decimal256(60, 0), DELTA),
+        (pa.decimal256(60, 0), ICEBERG),
+        (pa.duration("ns"), ICEBERG),
+        (pa.list_view(pa.int64()), DELTA),  # Arrow cannot cast it back from a list
+    ],
+)
+def test_types_without_a_portable_form_are_named(arrow, options):
+    with pytest.raises(TerminalError, match=rf"{options['store']}: column 'c' has Arrow type {re.escape(str(arrow))}"):
+        portable_type(arrow, "c", **options)
 
 
 def test_an_unstorable_type_is_named(loader):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 
 from amp_dagster.errors import SchemaMismatchError, TerminalError
 from amp_dagster.loaders.base import RowRange, TableRef
-from amp_dagster.loaders.iceberg import IcebergLoader
+from amp_dagster.loaders.iceberg import PYICEBERG_LIST, IcebergLoader
+from amp_dagster.retry import RetryPolicy
 
 from . import data, services
 
@@ -114,6 +116,20 @@ def test_a_null_list_of_structs_is_stored_as_null(loader):
     assert by_block[Decimal(2)] is None and by_block[Decimal(1)] == []
 
 
+def test_canary_pyiceberg_itself_still_loses_null_lists_of_structs(loader, monkeypatch):
+    """When this fails, pyiceberg keeps the nulls itself: delete _keep_null_lists from iceberg.py."""
+    from pyiceberg.io.pyarrow import ArrowProjectionVisitor
+
+    monkeypatch.setattr(ArrowProjectionVisitor, "list", PYICEBERG_LIST)
+    column = pa.list_(pa.struct([("a", pa.int64())]))
+    rows = pa.table({"l": pa.array([None, [{"a": 1}]], column)})
+    loader.catalog.create_namespace_if_not_exists("plain")
+    tbl = loader.catalog.create_table(("plain", "lists"), schema=rows.schema)
+    tbl.append(rows)
+    stored = pq.read_table(next(iter(tbl.scan().plan_files())).file.file_path)
+    assert stored["l"].to_pylist() == [[], [{"a": 1}]]
+
+
 def test_nanoseconds_fail_unless_truncation_is_asked_for(tmp_path):
     ts = pa.timestamp("ns", tz="+00:00")
     schema = pa.schema([pa.field("_block_num", pa.uint64()), pa.field("at", ts)])
@@ -178,6 +194,85 @@ def test_a_failed_write_leaves_no_snapshot_and_no_files(loader):
     assert _data_files(loader, ref) == files
     assert len(_table(loader, ref).snapshots()) == snapshots
     assert loader.read(ref).read_all().equals(logs.slice(0, 100))
+
+
+def test_a_failed_first_full_refresh_leaves_no_table(loader, tmp_path):
+    ref = TableRef("fresh", namespace="eth")
+    logs = data.logs(0, 99)
+
+    def dying():
+        yield from logs.to_batches(max_chunksize=300)[:6]  # several 500-row files written by then
+        raise RuntimeError("the source failed mid-write")
+
+    with pytest.raises(RuntimeError, match="mid-write"):
+        loader.replace_table(ref, pa.RecordBatchReader.from_batches(logs.schema, dying()))
+    assert not loader.catalog.table_exists((ref.namespace, ref.name))
+    assert list((tmp_path / "warehouse").rglob("*.parquet")) == []
+    assert loader.replace_table(ref, data.in_batches(logs, 300)).commits == 1
+    assert loader.read(ref).read_all().sort_by(SORT_LOGS).equals(logs.sort_by(SORT_LOGS))
+    assert len(_table(loader, ref).snapshots()) == 1
+
+
+@pytest.mark.parametrize(("range_column", "key"), [("blk.num", ()), ("b", ("log.index",))])
+def test_a_dot_in_a_range_or_key_column_is_refused(loader, range_column, key):
+    ref = TableRef("dotted", namespace="eth", range_column=range_column, key=key)
+    rows = pa.table({"blk.num": pa.array([1], pa.uint64()), "b": pa.array([1]), "log.index": pa.array([0])})
+    dotted = repr(range_column if "." in range_column else key[0])
+    with pytest.raises(SchemaMismatchError, match=rf"column {re.escape(dotted)} has a '\.'.*Rename"):
+        loader.ensure_table(ref, rows.schema)
+    with pytest.raises(SchemaMismatchError, match=re.escape(dotted)):
+        loader.replace_table(ref, rows)
+    assert not loader.catalog.table_exists((ref.namespace, ref.name))
+
+
+def test_a_delete_that_lost_a_race_is_retried(tmp_path, monkeypatch):
+    ref = TableRef("logs", namespace="eth")
+    logs = data.logs(0, 99)
+    loader = IcebergLoader(tmp_path / "w", retry=RetryPolicy(attempts=3, initial_delay=0.001))
+    loader.ensure_table(ref, logs.schema)
+    loader.write(ref, logs.filter(pc.less(logs["_block_num"], 50)))
+    loaded, load = [], loader._load
+
+    def stale(table: TableRef, **kw):
+        tbl = load(table, **kw)
+        if not loaded:  # another writer commits after we loaded the table: our commit must fail, then retry
+            with IcebergLoader(tmp_path / "w") as other:
+                other.write(ref, logs.filter(pc.greater_equal(logs["_block_num"], 50)))
+        loaded.append(tbl)
+        return tbl
+
+    monkeypatch.setattr(loader, "_load", stale)
+    deleted = loader.delete(ref, RowRange(40))
+    assert len(loaded) == 2
+    kept = logs.filter(pc.less(logs["_block_num"], 40))
+    assert deleted == logs.num_rows - kept.num_rows
+    assert loader.read(ref).read_all().sort_by(SORT_LOGS).equals(kept.sort_by(SORT_LOGS))
+    loader.close()
+
+
+def test_file_errors_are_typed_errors_naming_the_table(loader):
+    ref = TableRef("logs", namespace="eth")
+    loader.ensure_table(ref, data.logs(0, 9).schema)
+    loader.write(ref, data.logs(0, 9))
+    for task in _table(loader, ref).scan().plan_files():
+        os.remove(task.file.file_path)
+    with pytest.raises(TerminalError, match=r"Iceberg catalog sqlite:.* table eth\.logs: FileNotFoundError"):
+        loader.read(ref).read_all()
+    data_dir = Path(_table(loader, ref).location()) / "data"
+    for path in data_dir.iterdir():
+        path.unlink()
+    data_dir.rmdir()
+    data_dir.write_text("a file where the data directory should be")
+    with pytest.raises(TerminalError, match=r"table eth\.logs: FileExistsError.*non-directory"):
+        loader.write(ref, data.logs(0, 9))
+
+
+def test_where_names_the_catalog_without_credentials(tmp_path):
+    rest = IcebergLoader(catalog={"type": "rest", "uri": "https://me:pw@catalog.example.com/api", "token": "t0k"})
+    assert rest.where == "https://catalog.example.com/api"
+    pg = IcebergLoader(tmp_path, uri="postgresql+psycopg://me:pw@db.example.com/iceberg")
+    assert pg.where == "db.example.com:5432/iceberg"
+    assert IcebergLoader(tmp_path).where == f"sqlite:{tmp_path / 'catalog.db'}"
 
 
 def test_upsert_across_chunks_keeps_the_last_row_of_each_key(loader):
