@@ -82,8 +82,8 @@ def check_schema(store: str, table: TableRef, stored: pa.Schema, incoming: pa.Sc
                 )
         elif not can_add:
             raise SchemaMismatchError(
-                f"{store} table {table}: the data has a new column {field.name!r} ({field.type}) that {store} "
-                "cannot add. Drop the column from the query or recreate the table."
+                f"{store} table {table}: the data has a new column {field.name!r} ({field.type}) that the table "
+                "lacks. Call ensure_table(table, data.schema) first to add it, or drop it from the query."
             )
         elif not field.nullable:
             raise SchemaMismatchError(
