@@ -12,6 +12,7 @@ import pytest
 from amp_dagster.errors import ConfigError, SchemaMismatchError, ServiceUnavailableError, TerminalError
 from amp_dagster.loaders.base import RowRange, TableRef
 from amp_dagster.loaders.clickhouse import ClickHouseLoader
+from amp_dagster.loaders.schema import schema_from_text, schema_to_text
 from amp_dagster.retry import RetryPolicy
 
 from . import data
@@ -171,7 +172,7 @@ def test_nulls_into_a_non_nullable_column_are_refused_by_name(store):
     loader.ensure_table(table, logs.schema)  # amp's schema: data is NOT NULL
     holes = pa.array([None] + [b"x"] * (logs.num_rows - 1), pa.binary())
     loosened = logs.set_column(logs.schema.get_field_index("data"), pa.field("data", pa.binary()), holes)
-    with pytest.raises(TerminalError, match=r"column 'data' is not Nullable, but the data has 1 nulls"):
+    with pytest.raises(TerminalError, match=r"column 'data' is not nullable but the data has 1 null"):
         loader.write(table, loosened)
     loader.write(table, loosened.slice(1))  # nullable in the schema but without nulls: fine
     assert _count(table) == logs.num_rows - 1
@@ -201,6 +202,51 @@ def test_foreign_table_without_stored_schema_is_compared_by_clickhouse_types(sto
         loader.write(table, rows.set_column(2, "score", pa.array([1, 2], pa.int64())))
     loader.ensure_table(table, rows.schema)  # adopts the table: the Arrow schema goes into its comment
     assert loader.read(table).read_all().sort_by("_block_num")["name"].to_pylist() == ["a", None]
+
+
+def test_foreign_comment_is_never_overwritten(store):
+    loader, table = store.loader(), store.table("foreign")
+    admin().command(f"CREATE DATABASE IF NOT EXISTS `{table.namespace}`")
+    admin().command(
+        f"CREATE TABLE `{table.namespace}`.foreign (_block_num UInt64, v Int64) ENGINE = MergeTree ORDER BY _block_num "
+        "COMMENT 'owned by the analytics team'"
+    )
+    rows = pa.table({"_block_num": pa.array([1], pa.uint64()), "v": [7], "note": ["n"]})
+    loader.ensure_table(table, rows.schema)
+    loader.write(table, rows)
+    assert _one("SELECT comment FROM system.tables WHERE database = {db:String}", db=table.namespace) == (
+        "owned by the analytics team",
+    )
+    assert loader.read(table).read_all().to_pylist() == [{"_block_num": 1, "v": 7, "note": b"n"}]
+
+
+def test_ensure_table_records_a_column_whose_comment_update_was_lost(store):
+    loader, table = store.loader(), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 9)
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, logs)
+    # ADD COLUMN and MODIFY COMMENT are two statements: this is the table when the second one failed
+    admin().command(f"ALTER TABLE `{table.namespace}`.logs ADD COLUMN note Nullable(String)")
+    wider = logs.append_column(pa.field("note", pa.string()), pa.array(["n"] * logs.num_rows))
+    loader.ensure_table(table, wider.schema)
+    (comment,) = _one("SELECT comment FROM system.tables WHERE database = {db:String}", db=table.namespace)
+    assert schema_from_text(comment.removeprefix("amp_dagster:")).field("note").type == pa.string()
+    loader.write(table, wider, replace=RowRange(0, 9))
+    got = loader.read(table).read_all()
+    assert got.schema.field("note").type == pa.string() and set(got["note"].to_pylist()) == {"n"}
+
+
+def test_a_read_that_cannot_cast_names_the_column(store):
+    from clickhouse_connect.driver.binding import format_str
+
+    loader, table = store.loader(), store.table("lying")
+    rows = pa.table({"_block_num": pa.array([1], pa.uint64()), "v": pa.array([300], pa.int64())})
+    loader.ensure_table(table, rows.schema)
+    loader.write(table, rows)
+    lie = format_str("amp_dagster:" + schema_to_text(rows.schema.set(1, pa.field("v", pa.int8()))))
+    admin().command(f"ALTER TABLE `{table.namespace}`.lying MODIFY COMMENT {lie}")
+    with pytest.raises(TerminalError, match=r"table .*lying: column 'v' cannot be read back as int8"):
+        loader.read(table).read_all()
 
 
 # -- upsert, delete, refresh --------------------------------------------------------------------------------
@@ -277,11 +323,70 @@ def test_replace_table_exchanges_tables_and_leaves_no_staging_behind(store):
     assert [r[0] for r in tables.result_rows] == ["logs"]
 
 
+def test_a_failed_drop_of_the_staging_table_keeps_the_writes_error(store, monkeypatch):
+    loader, table = store.loader(), store.table("logs")
+    logs = data.logs(0, 9)
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, logs)
+    command = loader._command
+
+    def drop_fails(target, sql, *args, **kwargs):
+        if sql.startswith("DROP TABLE"):
+            raise TerminalError("ClickHouse: the DROP failed too")
+        return command(target, sql, *args, **kwargs)
+
+    def dying():
+        yield logs.to_batches()[0]
+        raise RuntimeError("source died")
+
+    monkeypatch.setattr(loader, "_command", drop_fails)
+    with pytest.raises(RuntimeError, match="source died"):
+        loader.replace_table(table, pa.RecordBatchReader.from_batches(logs.schema, dying()))
+    assert _count(table) == logs.num_rows
+
+
 def test_replace_table_creates_a_missing_table(store):
     loader, table = store.loader(), store.table("fresh", key=LOG_KEY)
     logs = data.logs(0, 3)
     loader.replace_table(table, logs)
     assert _count(table) == logs.num_rows
+
+
+def _dead_source():
+    raise RuntimeError("the source died")
+    yield
+
+
+@pytest.mark.parametrize("failure", ["source", "nulls"])
+def test_a_replace_that_fails_on_its_first_batch_deletes_nothing(store, failure):
+    loader, table = store.loader(), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 9)
+    loader.ensure_table(table, logs.schema)  # amp's schema: data is NOT NULL
+    loader.write(table, logs)
+    if failure == "source":
+        bad, error = pa.RecordBatchReader.from_batches(logs.schema, _dead_source()), "the source died"
+    else:
+        holes = pa.array([None] + [b"x"] * (logs.num_rows - 1), pa.binary())
+        bad = logs.set_column(logs.schema.get_field_index("data"), pa.field("data", pa.binary()), holes)
+        error = "column 'data' is not nullable"
+    with pytest.raises((RuntimeError, TerminalError), match=error):
+        loader.write(table, bad, replace=RowRange(0, 9))
+    got = loader.read(table).read_all().sort_by([("block_num", "ascending"), ("log_index", "ascending")])
+    assert got.equals(logs.sort_by([("block_num", "ascending"), ("log_index", "ascending")]))
+
+
+def test_replacing_an_empty_range_runs_no_delete(store):
+    loader, table = store.loader(), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 19)
+    first, second = (logs.filter(pc.field("_block_num") < 10), logs.filter(pc.field("_block_num") >= 10))
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, first, replace=RowRange(0, 9))
+    loader.write(table, second, replace=RowRange(10, 19))
+    mutations = "SELECT count() FROM system.mutations WHERE database = {db:String}"
+    assert _one(mutations, db=table.namespace) == (0,)  # a DELETE is a mutation: none for empty ranges
+    loader.write(table, second, replace=RowRange(10, 19))
+    assert _one(mutations, db=table.namespace) == (1,)
+    assert _count(table, final=True) == logs.num_rows
 
 
 def test_large_writes_are_split_into_inserts_of_insert_rows(store):
