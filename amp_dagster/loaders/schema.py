@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -117,7 +118,10 @@ def cast_columns(
     """
     arrays = []
     for field in target:
-        column = batch.column(field.name)
+        index = batch.schema.get_field_index(field.name)
+        if index < 0:
+            raise SchemaMismatchError(f"{store} table {table}: the data has no column {field.name!r}; select it.")
+        column = batch.column(index)
         if isinstance(column, pa.ExtensionArray):
             column = column.storage
         if column.type != field.type:
@@ -140,9 +144,11 @@ def _cast_message(store: str, table: TableRef, field: pa.Field, column: pa.Array
     if reading:
         return f"{where} cannot be read back as {field.type}: {exc}. The stored data no longer matches its schema."
     if (pa.types.is_timestamp(column.type) or pa.types.is_time(column.type)) and column.type.unit == "ns":
+        ticks = column.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        lossy = column[int(np.flatnonzero(np.nan_to_num(ticks) % 1000)[0])] if len(ticks) else None
         return (
-            f"{where} has nanoseconds that {store} (microsecond precision) would drop. Round it in the query, or "
-            "pass truncate_timestamps=True to truncate to microseconds."
+            f"{where} has nanoseconds that {store} (microsecond precision) would drop, e.g. {lossy}. Round it in the "
+            "query, or pass truncate_timestamps=True to truncate to microseconds."
         )
     if pa.types.is_integer(column.type) and len(column):
         bounds = pc.min_max(column)
