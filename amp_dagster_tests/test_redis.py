@@ -1,16 +1,22 @@
-"""Redis-specific behaviour, checked with plain redis-py reads: key layout, index consistency, TTL, streams, guards."""
+"""Redis-specific behaviour, checked with plain redis-py reads: key layout, index consistency, TTL, streams, guards,
+the table lock, and the JSON decoding the loader shares through loaders/encoding.py."""
 
 from __future__ import annotations
 
+import datetime as dt
+import threading
 import time
+from decimal import Decimal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import redis
 
-from amp_dagster.errors import ConfigError, NotSupportedError, SchemaMismatchError, TerminalError
+from amp_dagster.errors import ConfigError, NotSupportedError, SchemaMismatchError, TerminalError, TransientError
 from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.encoding import hex_strings, json_arrays, json_strings, unhex
+from amp_dagster.loaders.schema import schema_from_text
 
 from . import data, services
 from .stores.redis import RedisHarness
@@ -59,7 +65,7 @@ def test_layout_is_one_hash_per_row_plus_a_block_index(store, client):
     loader.write(table, logs)
     meta = client.hgetall(_base(store, "logs") + b":meta")
     assert meta[b"form"] == b"hash" and meta[b"key"] == b'["block_num", "log_index"]'
-    assert pa.ipc.read_schema(pa.py_buffer(meta[b"schema"])) == logs.schema
+    assert schema_from_text(meta[b"schema"]) == logs.schema
     area = _live(client, store)
     row = logs.slice(3, 1).to_pylist()[0]
     stored = client.hgetall(area + b":%d:%d" % (row["block_num"], row["log_index"]))
@@ -253,11 +259,17 @@ def test_table_settings_must_match(store):
         store.loader(form="stream").write(table, logs)
 
 
-def test_unsupported_types_and_keys_are_named(store):
-    loader = store.loader()
-    mapped = pa.schema([("_block_num", pa.uint64()), ("m", pa.map_(pa.string(), pa.int64()))])
-    with pytest.raises(TerminalError, match="column 'm'"):
-        loader.ensure_table(store.table("maps"), mapped)
+def test_maps_round_trip_and_unsupported_keys_are_named(store):
+    loader, table = store.loader(), store.table("maps")
+    mapped = pa.table(
+        {
+            "_block_num": pa.array([1, 2, 3], pa.uint64()),
+            "m": pa.array([[("a", b"\x01")], None, []], pa.map_(pa.string(), pa.binary())),
+        }
+    )
+    loader.ensure_table(table, mapped.schema)
+    loader.write(table, mapped)
+    assert loader.read(table).read_all().sort_by("_block_num").equals(mapped)
     nested_key = pa.schema([("_block_num", pa.uint64()), ("k", pa.list_(pa.int64()))])
     with pytest.raises(TerminalError, match=r"column 'k'.*as a key"):
         loader.ensure_table(store.table("lists", key=("k",)), nested_key)
@@ -269,10 +281,10 @@ def test_a_refused_command_is_a_terminal_error_naming_it(store, client):
     loader, table = store.loader(), store.table("logs", key=LOG_KEY)
     logs = data.logs(0, 4)
     loader.ensure_table(table, logs.schema)
-    row = logs.slice(0, 1).to_pylist()[0]
-    client.set(_live(client, store) + b":%d:%d" % (row["block_num"], row["log_index"]), "not a hash")
+    client.set(_live(client, store), "not a sorted set")  # the block index
     with pytest.raises(TerminalError, match="WRONGTYPE"):
         loader.write(table, logs)
+    client.delete(_live(client, store))
     loader.write(table, data.logs(5, 9))  # the loader's connection is still usable afterwards
     assert loader.read(table, RowRange(5)).read_all().num_rows == data.logs(5, 9).num_rows
 
@@ -285,9 +297,189 @@ def test_a_retried_move_changes_nothing(store, client):
     loader.ensure_table(table, logs.schema)
     loader.write(table, logs)
     loader.write(table, data.logs(0, 9, seed=4), replace=RowRange(0, 9))
-    meta = _base(store, "logs") + b":meta"
-    stage = b"g%d" % int(client.hget(meta, "seq"))
-    # the script ran but its reply was lost: the retry must not delete the rows it moved in
-    client.eval(MOVE, 3, _live(client, store), _base(store, "logs") + b":" + stage, meta, 0, 9, b"stage:" + stage)
+    base, lock = _base(store, "logs") + b":", _base(store, "logs") + b":lock"
+    stage = b"g%d" % int(client.hget(base + b"meta", "seq"))
+    # the script ran but its reply was lost: the retry (by the writer still holding the lock) must not delete
+    # the rows it moved in
+    client.set(lock, b"token", px=10_000)
+    assert client.eval(MOVE, 3, base + b"meta", lock, base + stage, b"token", 0, 9, stage, base) == 0
+    client.delete(lock)
     want = pa.concat_tables([data.logs(0, 9, seed=4), logs.filter(pc.greater(logs["_block_num"], 9))])
     assert loader.read(table).read_all().sort_by(SORT_LOGS).equals(want.sort_by(SORT_LOGS))
+
+
+def test_a_key_written_again_is_a_new_row_not_a_merge(store, client):
+    loader, table = store.loader(), store.table("kv", key=("k",))
+    kv = pa.schema([("_block_num", pa.uint64()), ("k", pa.int64()), ("v", pa.string()), ("w", pa.string())])
+    loader.ensure_table(table, kv)
+    loader.write(table, pa.table({"_block_num": [1, 1], "k": [1, 2], "v": ["old", "old"], "w": ["x", "x"]}, kv))
+    # an append of k=1 with nulls, and k=2 twice in one batch: each key ends as its last row, whole
+    loader.write(
+        table, pa.table({"_block_num": [5, 6, 7], "k": [1, 2, 2], "v": [None, "a", None], "w": [None, "b", "c"]}, kv)
+    )
+    want = [{"_block_num": 5, "k": 1, "v": None, "w": None}, {"_block_num": 7, "k": 2, "v": None, "w": "c"}]
+    assert loader.read(table).read_all().sort_by("k").to_pylist() == want
+    assert client.hgetall(_live(client, store, "kv") + b":1") == {b"_block_num": b"5", b"k": b"1"}
+    assert client.zrange(_live(client, store, "kv"), 0, -1, withscores=True) == [(b"1", 5.0), (b"2", 7.0)]
+    # the same through a staged range replace, and through upsert
+    loader.write(
+        table,
+        pa.table({"_block_num": [7, 7], "k": [3, 3], "v": ["a", None], "w": ["b", None]}, kv),
+        replace=RowRange(7, 7),
+    )
+    loader.upsert(table, pa.table({"_block_num": [9, 9], "k": [1, 1], "v": ["a", None], "w": [None, "z"]}, kv))
+    want = [{"_block_num": 9, "k": 1, "v": None, "w": "z"}, {"_block_num": 7, "k": 3, "v": None, "w": None}]
+    assert loader.read(table).read_all().sort_by("k").to_pylist() == want
+    assert _assert_index_matches_rows(client, store, "kv") == 2
+
+
+def test_ttl_index_does_not_outgrow_the_live_rows(store, client):
+    loader, plain, table = store.loader(ttl=1), store.loader(), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 99)
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, logs)
+    kept = data.logs(0, 4)
+    plain.write(table, kept)  # written again without a TTL before they expire: these rows stay
+    time.sleep(2.1)
+    fresh = data.logs(200, 201)
+    loader.write(table, fresh)
+    area, exp = _live(client, store), _base(store, "logs") + b":exp"
+    assert loader.read(table).read_all().num_rows == kept.num_rows + fresh.num_rows
+    assert client.zcard(area) == kept.num_rows + fresh.num_rows  # not logs.num_rows + fresh.num_rows
+    assert client.zcard(exp) == fresh.num_rows  # the rows without a TTL are no longer listed
+    assert _assert_index_matches_rows(client, store) == kept.num_rows + fresh.num_rows
+
+
+def _slow(table: pa.Table, started: threading.Event, pause: float = 0.3) -> pa.RecordBatchReader:
+    """The table in two batches with a pause before each, signalling ``started`` once the write is under way."""
+
+    def batches():
+        for batch in table.to_batches(max_chunksize=(table.num_rows + 1) // 2):
+            started.set()
+            time.sleep(pause)
+            yield batch
+
+    return pa.RecordBatchReader.from_batches(table.schema, batches())
+
+
+def _run(results: dict, name: str, fn) -> threading.Thread:
+    def target():
+        try:
+            results[name] = fn()
+        except Exception as exc:
+            results[name] = exc
+        results[name + "_done"] = time.monotonic()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread
+
+
+def _only_live_keys(client, store: RedisHarness, name: str = "logs") -> None:
+    """Nothing but the table's meta, its live index and its rows: no stage, no lock, no orphan key."""
+    meta, area = _base(store, name) + b":meta", _live(client, store, name)
+    assert set(store.keys()) == {meta, area} | {area + b":" + m for m in client.zrange(area, 0, -1)}
+    assert not [f for f in client.hkeys(meta) if f.startswith(b"stage:")]
+
+
+def test_a_full_refresh_waits_for_a_range_replace_in_flight(store, client):
+    writer, refresher, table = store.loader(), store.loader(), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 99)
+    writer.ensure_table(table, logs.schema)
+    writer.write(table, logs)
+    started, results = threading.Event(), {}
+    forked = data.logs(100, 101, seed=5)
+    thread = _run(results, "write", lambda: writer.write(table, _slow(forked, started), replace=RowRange(100, 101)))
+    started.wait(5)
+    refreshed = data.logs(0, 9, seed=6)
+    refresher.replace_table(table, refreshed)  # blocks on the table's lock until the write has committed
+    done = time.monotonic()
+    thread.join()
+    assert results["write"].rows == forked.num_rows and results["write_done"] <= done
+    assert refresher.read(table).read_all().sort_by(SORT_LOGS).equals(refreshed.sort_by(SORT_LOGS))
+    _only_live_keys(client, store)
+
+
+def test_a_range_replace_waits_for_a_full_refresh_in_flight(store, client):
+    writer, refresher, table = store.loader(), store.loader(), store.table("logs", key=LOG_KEY)
+    writer.ensure_table(table, data.logs(0, 0).schema)
+    started, results = threading.Event(), {}
+    refreshed = data.logs(0, 99, seed=6)
+    thread = _run(results, "refresh", lambda: refresher.replace_table(table, _slow(refreshed, started)))
+    started.wait(5)
+    forked = data.logs(100, 101, seed=5)
+    assert writer.write(table, forked, replace=RowRange(100, 101)).rows == forked.num_rows  # after the flip
+    thread.join()
+    assert results["refresh"].rows == refreshed.num_rows
+    want = pa.concat_tables([refreshed, forked]).sort_by(SORT_LOGS)
+    assert writer.read(table).read_all().sort_by(SORT_LOGS).equals(want)
+    _only_live_keys(client, store)
+
+
+def test_a_held_lock_is_waited_for_then_a_transient_error_naming_the_table(store, client):
+    loader, table = store.loader(lock_wait=0.3), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 9)
+    loader.ensure_table(table, logs.schema)
+    lock = _base(store, "logs") + b":lock"
+    client.set(lock, b"another-writer", px=60_000)
+    for call in (lambda: loader.write(table, logs), lambda: loader.delete(table, RowRange(0))):
+        with pytest.raises(TransientError, match=rf"table {store.namespace}\.logs: another writer has held its lock"):
+            call()
+    client.pexpire(lock, 200)  # what a crashed writer's lease does
+    loader.write(table, logs)
+    assert loader.read(table).read_all().num_rows == logs.num_rows
+    assert not client.exists(lock)
+
+
+@pytest.mark.parametrize("takeover", ["lock", "stage"])
+def test_a_writer_that_lost_its_lock_or_stage_cannot_commit(store, client, takeover):
+    loader, table = store.loader(), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 49)
+    loader.ensure_table(table, logs.schema)
+    loader.write(table, logs)
+    meta = _base(store, "logs") + b":meta"
+
+    def batches():
+        yield from data.logs(0, 9, seed=3).to_batches()
+        # another writer took over: the lock expired, or (after that) it dropped this stage as dead
+        if takeover == "lock":
+            client.delete(_base(store, "logs") + b":lock")
+        else:
+            client.hdel(meta, *[f for f in client.hkeys(meta) if f.startswith(b"stage:")])
+
+    source = pa.RecordBatchReader.from_batches(logs.schema, batches())
+    with pytest.raises(TransientError, match="lost the table.s lock" if takeover == "lock" else "staged rows dropped"):
+        loader.write(table, source, replace=RowRange(0, 9))
+    assert loader.read(table).read_all().sort_by(SORT_LOGS).equals(logs.sort_by(SORT_LOGS))  # no false success
+    _only_live_keys(client, store)  # the staged rows are gone too
+
+
+def test_a_connection_the_server_dropped_is_replaced_before_the_next_write(store, client):
+    loader, table = store.loader(), store.table("logs", key=LOG_KEY)
+    loader.ensure_table(table, data.logs(0, 0).schema)
+    loader.write(table, data.logs(0, 9))
+    host, port = loader._sock.getsockname()[:2]
+    assert client.client_kill(f"{host}:{port}")  # what the server's idle timeout does
+    time.sleep(0.05)
+    loader.write(table, data.logs(10, 19))
+    assert loader.read(table).read_all().num_rows == data.logs(0, 19).num_rows
+
+
+def test_json_arrays_and_unhex_invert_json_strings_and_hex_strings():
+    raw = pa.array([b"\x01\xab", None, b"", bytes(range(256))])
+    assert unhex(hex_strings(raw)).to_pylist() == raw.to_pylist()
+    assert unhex(hex_strings(raw).slice(1)).to_pylist() == raw.to_pylist()[1:]
+    assert unhex(pa.array(["0xABcd"])).to_pylist() == [b"\xab\xcd"]
+    nested = pa.array(
+        [
+            {"t": dt.datetime(2023, 11, 14, 22, 13, 20, 123456), "d": Decimal("-1.50"), "h": [b"\xff" * 4, None]},
+            None,
+            {"t": None, "d": None, "h": []},
+        ],
+        pa.struct([("t", pa.timestamp("us")), ("d", pa.decimal128(5, 2)), ("h", pa.list_(pa.binary(4)))]),
+    )
+    mapped = pa.array([[("a", 1), ("b", None)], None, []], pa.map_(pa.string(), pa.int64()))
+    for array in (nested, mapped, data.every_type()["access_list"].combine_chunks()):
+        assert json_arrays(json_strings(array), array.type).equals(array)
+        assert json_arrays(json_strings(array.slice(1)), array.type).equals(array.slice(1))
+    assert json_arrays(pa.array([], pa.string()), mapped.type).equals(pa.array([], mapped.type))

@@ -96,3 +96,71 @@ def json_strings(array: pa.Array | pa.ChunkedArray) -> pa.Array:
     # strip the wrapper '{"v":' ... '}' again
     text = pc.utf8_slice_codeunits(text, start=5, stop=-1)
     return pc.if_else(pc.is_null(array), pa.scalar(None, pa.string()), text)
+
+
+# -- back from text: the inverses of hex_strings and json_strings ---------------------------------------------
+
+_NIBBLE = np.zeros(256, np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _NIBBLE[_c] = _NIBBLE[ord(chr(_c).upper())] = _i
+
+
+def unhex(text: pa.Array) -> pa.Array:
+    """0x-hex text back to bytes (``"0x01ab"`` → ``b"\\x01\\xab"``) as large_binary, nulls kept, without a row loop."""
+    text = pc.utf8_slice_codeunits(text, 2).cast(pa.large_string())  # drop "0x"
+    offsets = np.frombuffer(text.buffers()[1], np.int64)[text.offset : text.offset + len(text) + 1]
+    raw = np.frombuffer(text.buffers()[2], np.uint8)[offsets[0] : offsets[-1]] if text.buffers()[2] else []
+    nibbles = _NIBBLE[np.asarray(raw, np.uint8)]
+    body = (nibbles[0::2] << 4) | nibbles[1::2]
+    validity = pc.is_valid(text).buffers()[1] if text.null_count else None
+    buffers = [validity, pa.py_buffer((offsets - offsets[0]) // 2), pa.py_buffer(body.tobytes())]
+    return pa.Array.from_buffers(pa.large_binary(), len(text), buffers, text.null_count)
+
+
+def json_arrays(text: pa.Array, type_: pa.DataType) -> pa.Array:
+    """JSON text as :func:`json_strings` writes it, parsed back into ``type_`` (nulls kept) by Arrow's JSON reader."""
+    import pyarrow.json as pj
+
+    if not len(text):
+        return pa.array([], type_)
+    lines = pc.binary_join_element_wise('{"v":', pc.fill_null(text.cast(pa.string()), "null"), "}\n", "")
+    lines = lines.cast(pa.large_string())
+    offsets = np.frombuffer(lines.buffers()[1], np.int64)[lines.offset : lines.offset + len(lines) + 1]
+    payload = lines.buffers()[2][offsets[0] : offsets[-1]]
+    parsed = pj.read_json(
+        pa.BufferReader(payload),
+        read_options=pj.ReadOptions(block_size=max(1 << 20, payload.size + 1)),  # one block: rows stay in order
+        parse_options=pj.ParseOptions(explicit_schema=pa.schema([("v", _json_type(type_))])),
+    )
+    return _json_leaves(parsed.column("v").combine_chunks(), type_).cast(type_)
+
+
+def _json_type(t: pa.DataType) -> pa.DataType:
+    """The type the JSON text parses into: bytes, decimals and temporal leaves as strings, converted after."""
+    if is_binary_like(t) or pa.types.is_decimal(t) or pa.types.is_temporal(t):
+        return pa.string()
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_json_type(f.type)).with_nullable(True) for f in t])
+    if pa.types.is_map(t):  # written as a list of {key, value} entries
+        return pa.list_(pa.struct([f.with_type(_json_type(f.type)) for f in (t.key_field, t.item_field)]))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_json_type(t.value_type)).with_nullable(True))
+    return t
+
+
+def _json_leaves(a: pa.Array, t: pa.DataType) -> pa.Array:
+    """The parsed array with its string leaves converted to ``t``'s bytes, decimals and times."""
+    mask = pc.is_null(a) if a.null_count else None
+    if pa.types.is_struct(t):
+        children = [_json_leaves(a.field(i), f.type) for i, f in enumerate(t)]
+        return pa.StructArray.from_arrays(children, names=[f.name for f in t], mask=mask)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_map(t):
+        first, last = a.offsets[0].as_py(), a.offsets[-1].as_py()
+        values, offsets = a.values.slice(first, last - first), pc.subtract(a.offsets, first)
+        if pa.types.is_map(t):
+            keys, items = (_json_leaves(values.field(i), f.type) for i, f in enumerate((t.key_field, t.item_field)))
+            return pa.MapArray.from_arrays(offsets, keys, items, mask=mask)
+        return pa.ListArray.from_arrays(offsets, _json_leaves(values, t.value_type), mask=mask)
+    if is_binary_like(t):
+        return unhex(a).cast(t)
+    return a.cast(t)

@@ -1,48 +1,50 @@
 """Redis loader: one hash (or stream entry) per row, RESP commands framed from whole Arrow columns and pipelined.
 
-Layout. ``P`` is ``<prefix>:{<namespace>:<table>}``, with ``%``, ``:``, ``{`` and ``}`` %-escaped in the names so
-that two tables never share a key. The braces make ``P`` a hash tag: all keys of a table sit in one cluster
-slot, so the Lua scripts below stay cluster-safe.
+Keys. ``P`` is ``<prefix>:{<namespace>:<table>}`` (``%:{}`` %-escaped in the names, so two tables never share a
+key); the braces make it a hash tag, so all keys of a table sit in one cluster slot and the scripts stay
+cluster-safe. ``P:meta`` is a hash: ``schema`` (the Arrow schema), ``live`` (the current area ``g<N>``), ``form``,
+``key``, ``range``, ``seq`` (a counter), and ``stage:g<N>`` for each area being staged or waiting to be dropped.
+``P:lock`` is the table's lock; ``P:exp`` lists rows with a TTL. In the hash form (default) the area ``P:g<N>`` is
+a sorted set, the block index (member = key text, score = range value), and each row is the hash
+``P:g<N>:<key text>``. In the stream form ``P:g<N>`` is a stream whose entry IDs are ``<range value>-<n>``.
+Key text joins the key columns' values with ``:`` (integers in decimal, bytes as 0x-hex, strings with ``%`` and
+``:`` escaped). Rows without key columns are keyed ``<range value>:<write number>:<row number>``: a content hash
+would merge identical rows. A key written again replaces the whole row (DEL, then HSET): the last row wins.
 
-- ``P:meta`` is a hash: ``schema`` (the Arrow schema as IPC bytes, so that ``read()`` gives the original types
-  back), ``live`` (the current area, ``g<N>``), ``form``, ``key``, ``range``, ``seq`` (a counter for areas and
-  write numbers), and ``stage:g<N>`` for each area being staged.
-- In the hash form (default), the area ``P:g<N>`` is a sorted set, the block index: member = key text, score =
-  range value. Each row is the hash ``P:g<N>:<key text>``. In the stream form, ``P:g<N>`` is a stream with one
-  entry per row, whose ID is ``<range value>-<n>``, so the stream is its own block index.
-- Key text is the key columns' values joined by ``:``: integers in decimal, bytes as 0x-hex, strings with ``%``
-  and ``:`` %-escaped. Rows of a table without key columns are keyed ``<range value>:<write number>:<row
-  number>``: unique, and produced the same way by every write. A content hash would merge identical rows.
-  An append (``write``) of a key that exists sets its fields; ``upsert`` replaces the whole row.
+Values. Fields are named by column; a null is an absent field, so ``""`` stays distinct. Bytes are raw, strings
+UTF-8, numbers Arrow's exact text (uint64 max, decimal(38,0) extremes and round-trip floats included), temporal
+values their integer count in the type's unit, nested values JSON with bytes as 0x-hex.
 
-Values. Hash and stream fields are named by column, and a null is an absent field, so ``""`` stays distinct.
-Bytes are stored raw and strings as UTF-8. Integers, floats, decimals and bools use Arrow's exact text form
-(uint64 max, decimal(38,0) extremes and shortest round-trip floats included). Timestamps, dates, times and
-durations are their integer count in the type's unit. Nested values are JSON, with bytes as 0x-hex.
+Ranges. Scores are doubles, exact up to 2^53, so the hash form refuses range values beyond ±2^53; stream IDs are
+unsigned, so the stream form refuses negative ones. Deleting a range is one script, ZRANGE BYSCORE in pages then
+UNLINK and ZREM: O(log N + M) and atomic.
 
-Block index. Scores are doubles, exact only up to 2^53, so a range value beyond ±2^53 fails the write in the
-hash form. Stream IDs are exact 64-bit but unsigned, so the stream form refuses negative values. Deleting a range
-is one Lua script: ZRANGE BYSCORE in pages, then UNLINK and ZREM. It is O(log N + M) and atomic.
+Concurrency. Writes, deletes and full refreshes hold the table's lock, ``SET P:lock <token> NX PX``, renewed by a
+heartbeat, so a crashed writer's lock expires within 30 s. The commit scripts (the range move, the refresh's
+flip) check the token, so a writer that lost its lock cannot commit; under the lock every listed stage is dead.
 
-Atomicity. ``write(replace=...)`` stages the rows in a fresh area; one script then deletes the range and RENAMEs
-the staged rows in. ``replace_table`` stages a whole area; one transaction flips ``live``, and the old area is
-removed afterwards, in pages. A failure before the swap leaves the table as it was and drops the staged keys.
-The move script blocks the server while it runs, about 5 µs a row here (0.5 s for 100k rows): the price of
-readers never seeing half a range, so replace ranges of partition size, not whole tables.
-Plain appends are pipelined and not atomic. The stream form replaces a range only at the tail (a delete, then
-an append, not atomic) and has no upsert.
+Atomicity. ``write(replace=...)`` stages rows in a fresh area; one script then deletes the range and RENAMEs them
+in. ``replace_table`` stages a whole area; one script flips ``live`` and lists the old area, dropped in pages
+afterwards. A failure before the commit leaves the table as it was and drops the staged keys. The move blocks the
+server about 5 µs a row (0.5 s for 100k rows): the price of readers never seeing half a range, so replace ranges
+of partition size. Plain appends are pipelined and not atomic. The stream form replaces only a tail range (a
+delete, then an append, not atomic) and has no upsert.
 
-TTL. ``ttl`` seconds sets EXPIRE on every row hash. In the stream form it is set on the stream, refreshed by
-each write. Index members of expired rows stay until their range is deleted; reads skip them.
+TTL. ``ttl`` seconds sets EXPIRE on each row hash and lists the row in ``P:exp``, scored by when it expires; each
+write of the hash form unindexes the listed rows that are gone, so the index holds no more than the live rows and
+those expired since the last write (reads skip these). The stream form sets it on the stream, at each write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import select
 import socket
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import ConfigError, ServiceUnavailableError, TerminalError, TransientError
+from ..errors import ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
 from .base import (
     ArrowData,
@@ -62,16 +64,18 @@ from .base import (
     TableRef,
     Tally,
     WriteResult,
-    check_in_range,
-    compare_columns,
+    checked_batches,
     key_columns,
-    record_batches,
+    missing_table,
     require_columns,
 )
-from .encoding import hex_strings, is_binary_like, json_strings
+from .encoding import hex_strings, is_binary_like, json_arrays, json_strings
+from .schema import cast_columns, check_schema, schema_from_text, schema_to_text, widen
 
 EXACT = 2**53  # the largest integer a sorted-set score (a double) holds exactly
 CHUNK = 16_384  # rows framed per send: ~10 MB of commands for amp's logs, so memory stays bounded
+LEASE_MS = 30_000  # how long a lock outlives its writer's last heartbeat
+PAGE = 10_000  # index members per script call in long server-side loops, so the server never blocks long
 
 _DROP = """local function drop(area, lo, hi, limit)
   local n, seen = 0, 0
@@ -88,26 +92,55 @@ _DROP = """local function drop(area, lo, hi, limit)
 end
 """
 DROP = _DROP + "return drop(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]))"
-# delete the range from the live area, move every staged row in (RENAME keeps its TTL), unlist the stage;
-# a stage no longer listed was moved already, so a retry after a lost reply changes nothing
+# KEYS meta, lock, stage area; ARGV token, low, high, stage, key base. Delete the range from the live area (read
+# here, not by the caller), move every staged row in (RENAME keeps its TTL), unlist the stage. -2: the lock is
+# lost; -1: the stage was dropped as dead; a stage already moved (a retry after a lost reply) changes nothing.
 MOVE = (
     _DROP
-    + """if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return 0 end
-local n = drop(KEYS[1], ARGV[1], ARGV[2], math.huge)
+    + """if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -2 end
+if redis.call('HEXISTS', KEYS[1], 'stage:' .. ARGV[4]) == 0 then
+  return redis.call('HGET', KEYS[1], 'moved') == ARGV[4] and 0 or -1
+end
+local live = ARGV[5] .. redis.call('HGET', KEYS[1], 'live')
+local n = drop(live, ARGV[2], ARGV[3], math.huge)
 while true do
-  local m = redis.call('ZRANGE', KEYS[2], 0, 999, 'WITHSCORES')
+  local m = redis.call('ZRANGE', KEYS[3], 0, 999, 'WITHSCORES')
   if #m == 0 then break end
   local add, rem = {}, {}
   for i = 1, #m, 2 do
-    redis.pcall('RENAME', KEYS[2] .. ':' .. m[i], KEYS[1] .. ':' .. m[i])  -- a staged row may have expired
+    redis.pcall('RENAME', KEYS[3] .. ':' .. m[i], live .. ':' .. m[i])  -- a staged row may have expired
     add[#add + 1] = m[i + 1]; add[#add + 1] = m[i]; rem[#rem + 1] = m[i]
   end
-  redis.call('ZADD', KEYS[1], unpack(add))
-  redis.call('ZREM', KEYS[2], unpack(rem))
+  redis.call('ZADD', live, unpack(add))
+  redis.call('ZREM', KEYS[3], unpack(rem))
 end
-redis.call('HDEL', KEYS[3], ARGV[3])
+redis.call('HDEL', KEYS[1], 'stage:' .. ARGV[4])
+redis.call('HSET', KEYS[1], 'moved', ARGV[4])
 return n"""
 )
+# KEYS meta, lock; ARGV token, stage, then the table's settings as field/value pairs. The old area is listed as
+# a stage, so that it is dropped even if this writer dies before dropping it. Codes as in MOVE.
+FLIP = """if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -2 end
+local live = redis.call('HGET', KEYS[1], 'live')
+if live == ARGV[2] then return 0 end
+if redis.call('HDEL', KEYS[1], 'stage:' .. ARGV[2]) == 0 then return -1 end
+if live then redis.call('HSET', KEYS[1], 'stage:' .. live, 1) end
+redis.call('HSET', KEYS[1], 'live', ARGV[2], unpack(ARGV, 3))
+return 1"""
+# renew (ARGV[2] = milliseconds) or release (ARGV[2] = 0) the lock, only while it holds this writer's token
+LEASE = """if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])"""
+# KEYS meta, exp; ARGV key base, now (s), page. Unindex the rows due to expire by now that are gone; a row still
+# there (written again since, or by a client whose clock runs ahead) is listed again for when it expires
+TRIM = """local area = ARGV[1] .. redis.call('HGET', KEYS[1], 'live')
+local due = redis.call('ZRANGE', KEYS[2], '-inf', ARGV[2], 'BYSCORE', 'LIMIT', 0, ARGV[3])
+for _, k in ipairs(due) do
+  local left = redis.call('PTTL', area .. ':' .. k)
+  if left == -2 then redis.call('ZREM', area, k) end
+  if left > 0 then redis.call('ZADD', KEYS[2], ARGV[2] + left / 1000, k) else redis.call('ZREM', KEYS[2], k) end
+end
+return #due"""
 # XDEL the range, then set the stream's last ID back to its top entry so that the range can be appended again
 XDROP = """local n = 0
 while true do
@@ -165,10 +198,10 @@ class _Write:
 
     table: TableRef
     area: bytes
+    exp: bytes
     form: str
     number: int = 0  # the write number in keys of rows without key columns
     rows: int = 0
-    upsert: bool = False
     ttl: int | None = None
 
 
@@ -177,7 +210,7 @@ class RedisLoader(Loader):
 
     ``url`` is ``redis://[[user]:password@]host:port/db``. ``prefix`` starts every key. ``form`` is ``"hash"``
     or ``"stream"``. ``ttl`` (seconds) expires rows. ``timeout`` bounds one command, which includes the range
-    scripts.
+    scripts. ``lock_wait`` (seconds) bounds the wait for another writer of the same table.
 
     >>> with RedisLoader("redis://127.0.0.1:6379/0", ttl=86_400) as rd:  # doctest: +SKIP
     ...     t = TableRef("logs", namespace="eth", key=("block_num", "log_index"))
@@ -199,6 +232,7 @@ class RedisLoader(Loader):
         ttl: int | None = None,
         connect_timeout: float = 10.0,
         timeout: float = 300.0,
+        lock_wait: float = 60.0,
         retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         import redis
@@ -214,7 +248,7 @@ class RedisLoader(Loader):
         self._host, self._port, self._db = info.get("host", "localhost"), int(info.get("port", 6379)), info.get("db", 0)
         self._user, self._secret = info.get("username"), info.get("password") or ""
         self.where = f"{self._host}:{self._port}/{self._db}"
-        self.prefix, self.form, self.ttl = prefix, form, ttl
+        self.prefix, self.form, self.ttl, self.lock_wait = prefix, form, ttl, lock_wait
         self._timeouts, self._retry = (connect_timeout, timeout), retry
         if form == "stream":  # a stream cannot replace a middle range atomically nor rows by key
             self.capabilities = Capabilities(False, True, False, True, 65_536)
@@ -237,10 +271,9 @@ class RedisLoader(Loader):
             meta = pipe.hgetall(meta_key)
             if b"schema" in meta:
                 stored = self._stored(table, meta)
-                added = compare_columns(self.store, table, _types(stored), _incoming(schema), can_add=True)
-                schema_ = pa.schema([*stored, *(schema.field(name) for name in added)])
+                added = check_schema(self.store, table, stored, schema, can_add=True)
                 pipe.multi()
-                pipe.hset(meta_key, "schema", schema_.serialize().to_pybytes())
+                pipe.hset(meta_key, "schema", schema_to_text(widen(stored, schema, added)))
             else:  # the seq counter may exist from a failed first replace_table: keep counting from it
                 pipe.multi()
                 pipe.hset(meta_key, mapping={**self._fields(table, schema), "live": b"g0"})
@@ -248,69 +281,59 @@ class RedisLoader(Loader):
         self._call(lambda: self._client.transaction(update, meta_key), table)
 
     def write(self, table: TableRef, data: ArrowData, *, replace: RowRange | None = None) -> WriteResult:
-        schema, batches = record_batches(data)
-        meta = self._meta(table, schema)
+        schema, batches = checked_batches(data, table, self.store, replace)
         tally = Tally()
-        batches = tally.count(check_in_range(batches, table, replace))
-        live = meta[b"live"]
-        if replace is None:
-            self._send(self._write(table, live), batches)
-        elif self.form == "stream":
-            after = "+" if replace.end is None else str(replace.end + 1)
-            if replace.end is not None and self._call(
-                lambda: self._client.xrevrange(self._key(table, live), "+", after, 1), table
-            ):
-                raise TerminalError(
-                    f"Redis table {table}: the stream form replaces only the tail, but rows after {replace} exist. "
-                    'Delete from the range start first, or use form="hash" to replace middle ranges.'
+        with self._locked(table) as token:
+            meta, stored = self._open(table, schema)
+            batches = (cast_columns(b, stored, store=self.store, table=table) for b in tally.count(batches))
+            if replace is None:
+                self._send(self._write(table, meta[b"live"]), batches)
+            elif self.form == "stream":
+                after = "+" if replace.end is None else str(replace.end + 1)
+                live = self._key(table, meta[b"live"])
+                if replace.end is not None and self._call(lambda: self._client.xrevrange(live, "+", after, 1), table):
+                    raise TerminalError(
+                        f"Redis table {table}: the stream form replaces only the tail, but rows after {replace} "
+                        'exist. Delete from the range start first, or use form="hash" to replace middle ranges.'
+                    )
+                self._drop(table, meta, replace)
+                self._send(self._write(table, meta[b"live"]), batches)
+            else:
+                keys, base = (self._key(table, "meta"), self._key(table, "lock")), self._key(table, "")
+                bounds = _bounds(replace)
+                self._stage(
+                    table,
+                    batches,
+                    lambda stage: self._client.eval(MOVE, 3, *keys, base + stage, token, *bounds, stage, base),
                 )
-            self.delete(table, replace)
-            self._send(self._write(table, live), batches)
-        else:
-            stage = self._stage(table, lambda w: self._send(w, batches))
-            keys = self._key(table, live), self._key(table, stage), self._key(table, "meta")
-            self._call(lambda: self._client.eval(MOVE, 3, *keys, *_bounds(replace), b"stage:" + stage), table)
+            if self.form == "hash":
+                self._trim(table)
         return tally.result()
 
     def delete(self, table: TableRef, rows: RowRange) -> int:
-        meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
-        if b"live" not in meta:
-            return 0
-        area = self._key(table, meta[b"live"])
-        if meta[b"form"] == b"stream":
-            bounds = (str(rows.start), "+" if rows.end is None else str(rows.end))
-            return self._call(lambda: self._client.eval(XDROP, 1, area, *bounds), table)
-        return self._call(lambda: self._client.eval(DROP, 1, area, *_bounds(rows), 2**62), table)
+        with self._locked(table):
+            meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
+            return self._drop(table, meta, rows) if b"live" in meta else 0
 
     def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
-        schema, batches = record_batches(data)
-        require_columns(schema, table, self.store)
+        schema, batches = checked_batches(data, table, self.store)
         self._probe(table, schema)
-        meta_key = self._key(table, "meta")
-        meta = self._call(lambda: self._client.hgetall(meta_key), table)
         tally = Tally()
-        stage = self._stage(table, lambda w: self._send(w, tally.count(batches)))
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hset(meta_key, mapping={**self._fields(table, schema), "live": stage})
-        pipe.hdel(meta_key, b"stage:" + stage)
-        self._call(pipe.execute, table)
-        old = [meta.get(b"live")] + [f[6:] for f in meta if f.startswith(b"stage:")]  # crashed stages go too
-        for area in filter(None, old):
-            self._drop_area(table, area, meta.get(b"form", self.form.encode()) == b"stream")
-            self._call(lambda a=area: self._client.hdel(meta_key, b"stage:" + a), table)
+        with self._locked(table) as token:
+            self._sweep(table)
+            settings = [x for pair in self._fields(table, schema).items() for x in pair]
+            keys = self._key(table, "meta"), self._key(table, "lock")
+            self._stage(
+                table, tally.count(batches), lambda stage: self._client.eval(FLIP, 2, *keys, token, stage, *settings)
+            )
+            self._sweep(table)  # the old area
         return tally.result()
 
     def upsert(self, table: TableRef, data: ArrowData) -> WriteResult:
         key_columns(table, self.store)
         if self.form == "stream":
             return super().upsert(table, data)
-        schema, batches = record_batches(data)
-        meta = self._meta(table, schema)
-        tally = Tally()
-        self._send(
-            _Write(table, self._key(table, meta[b"live"]), "hash", upsert=True, ttl=self.ttl), tally.count(batches)
-        )
-        return tally.result()
+        return self.write(table, data)  # every write replaces whole rows by key
 
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
         meta = self._meta(table)
@@ -333,7 +356,7 @@ class RedisLoader(Loader):
         self._drop_socket()
         self._client.close()
 
-    # -- keys and metadata ----------------------------------------------------------------------------------
+    # -- keys, metadata and the lock ------------------------------------------------------------------------
 
     def _key(self, table: TableRef, suffix: str | bytes) -> bytes:
         def esc(name: str) -> str:
@@ -344,29 +367,35 @@ class RedisLoader(Loader):
 
     def _fields(self, table: TableRef, schema: pa.Schema) -> dict:
         key = json.dumps(list(table.key))
-        return {"schema": schema.serialize().to_pybytes(), "form": self.form, "key": key, "range": table.range_column}
+        return {"schema": schema_to_text(schema), "form": self.form, "key": key, "range": table.range_column}
 
-    def _meta(self, table: TableRef, data: pa.Schema | None = None) -> dict[bytes, bytes]:
-        """The table's metadata; with ``data``, checked to fit the table's columns."""
+    def _meta(self, table: TableRef) -> dict[bytes, bytes]:
         meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
         if b"schema" not in meta:
-            raise TerminalError(
-                f"Redis {self.where}: table {table} does not exist. Call ensure_table(table, schema) first."
-            )
-        if data is not None:
-            compare_columns(self.store, table, _types(self._stored(table, meta)), _incoming(data), can_add=False)
+            raise missing_table(self.store, self.where, table)
         return meta
 
+    def _open(self, table: TableRef, data: pa.Schema) -> tuple[dict[bytes, bytes], pa.Schema]:
+        """Under the lock: the table's metadata and stored schema, with the data checked against it."""
+        meta = self._meta(table)
+        stored = self._stored(table, meta)
+        check_schema(self.store, table, stored, data, can_add=False)
+        if any(f.startswith(b"stage:") for f in meta):
+            self._sweep(table)
+        return meta, stored
+
     def _stored(self, table: TableRef, meta: dict[bytes, bytes]) -> pa.Schema:
-        want = {b"form": self.form.encode(), b"key": json.dumps(list(table.key)).encode()}
-        want[b"range"] = table.range_column.encode()
+        want = {b"form": self.form, b"key": json.dumps(list(table.key)), b"range": table.range_column}
         for name, value in want.items():
-            if meta.get(name) != value:
+            if meta.get(name) != value.encode():
                 raise TerminalError(
                     f"Redis table {table} was created with {name.decode()}={meta.get(name, b'').decode()!r}, but "
-                    f"this call uses {value.decode()!r}. Use the table's settings, or replace_table to rebuild it."
+                    f"this call uses {value!r}. Use the table's settings, or replace_table to rebuild it."
                 )
-        return pa.ipc.read_schema(pa.py_buffer(meta[b"schema"]))
+        schema = schema_from_text(meta[b"schema"])
+        if schema is None:
+            raise TerminalError(f"Redis table {table}: its stored schema is unreadable; rebuild it with replace_table.")
+        return schema
 
     def _probe(self, table: TableRef, schema: pa.Schema) -> None:
         """Every column must survive the value encoding, and key columns the key encoding."""
@@ -383,37 +412,106 @@ class RedisLoader(Loader):
                     "in the query."
                 ) from None
 
-    def _write(self, table: TableRef, area: bytes) -> _Write:
-        number = (
-            0
-            if table.key or self.form == "stream"
-            else self._call(lambda: self._client.hincrby(self._key(table, "meta"), "seq"), table)
-        )
-        return _Write(table, self._key(table, area), self.form, number, ttl=self.ttl)
+    @contextlib.contextmanager
+    def _locked(self, table: TableRef) -> Iterator[bytes]:
+        """Hold the table's lock (waiting up to ``lock_wait``), renewed every third of its lease while held."""
+        key, token = self._key(table, "lock"), uuid.uuid4().hex.encode()
+        deadline, pause = time.monotonic() + self.lock_wait, 0.01
+        while not self._call(lambda: self._client.set(key, token, nx=True, px=LEASE_MS), table):
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    f"Redis {self.where} table {table}: another writer has held its lock ({key.decode()!r}) for more "
+                    f"than {self.lock_wait:g}s. Try again later; a crashed writer's lock expires within "
+                    f"{LEASE_MS // 1000}s."
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+        stop = threading.Event()
 
-    def _stage(self, table: TableRef, load: Callable[[_Write], None]) -> bytes:
-        """Load into a fresh area, recorded in meta while it is staged; on failure drop it again."""
+        def beat() -> None:
+            while not stop.wait(LEASE_MS / 3000):
+                try:
+                    if not self._client.eval(LEASE, 1, key, token, LEASE_MS):
+                        return  # lost: the commit scripts and the release below find out
+                except Exception:  # a blip; the lease outlasts two missed beats
+                    pass
+
+        heart = threading.Thread(target=beat, name="amp-redis-lock", daemon=True)
+        heart.start()
+        try:
+            yield token
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original failure matters more; the lease expires anyway
+                self._client.eval(LEASE, 1, key, token, 0)
+            raise
+        finally:
+            stop.set()
+            heart.join()
+        if not self._call(lambda: self._client.eval(LEASE, 1, key, token, 0), table):
+            self._refuse(-2, table)
+
+    def _refuse(self, code: int, table: TableRef) -> None:
+        """Raise for a commit script's refusal: -2 the lock was lost, -1 the stage was dropped."""
+        what = "lost the table's lock (its heartbeat failed)" if code == -2 else "had its staged rows dropped"
+        raise TransientError(
+            f"Redis {self.where} table {table}: the write {what}, so another writer may have taken over. Run it "
+            "again: an append may be partly stored, a range replace or full refresh changed nothing."
+        )
+
+    def _write(self, table: TableRef, area: bytes) -> _Write:
+        keyless = not table.key and self.form == "hash"
+        number = self._call(lambda: self._client.hincrby(self._key(table, "meta"), "seq"), table) if keyless else 0
+        return _Write(table, self._key(table, area), self._key(table, "exp"), self.form, number, ttl=self.ttl)
+
+    def _stage(self, table: TableRef, batches: Iterable[pa.RecordBatch], commit: Callable[[bytes], int]) -> None:
+        """Load into a fresh area, listed in meta while it is staged, then ``commit`` it with a script (-2 or -1:
+        refused). A failed load or a refused commit drops the area again. After a commit of unknown outcome the
+        area may be live, so it is left alone: if it is still listed, the next sweep drops it."""
         meta_key = self._key(table, "meta")
         stage = b"g%d" % self._call(lambda: self._client.hincrby(meta_key, "seq"), table)
         self._call(lambda: self._client.hset(meta_key, b"stage:" + stage, 1), table)
         try:
-            load(self._write(table, stage))
+            self._send(self._write(table, stage), batches)
         except BaseException:
-            try:
-                self._drop_area(table, stage, self.form == "stream")
-                self._client.hdel(meta_key, b"stage:" + stage)
-            except Exception:  # the original failure matters more; the stage stays listed in meta
-                pass
+            self._discard(table, stage)
             raise
-        return stage
+        code = self._call(lambda: commit(stage), table)
+        if code < 0:
+            self._discard(table, stage)
+            self._refuse(code, table)
 
-    def _drop_area(self, table: TableRef, area: bytes, stream: bool) -> None:
+    def _discard(self, table: TableRef, stage: bytes) -> None:
+        with contextlib.suppress(Exception):  # the original failure matters more; the stage stays listed
+            self._drop_area(table, stage)
+            self._client.hdel(self._key(table, "meta"), b"stage:" + stage)
+
+    def _sweep(self, table: TableRef) -> None:
+        """Drop every listed stage: under the lock, none of them belongs to a running writer."""
+        meta_key = self._key(table, "meta")
+        for field in self._call(lambda: self._client.hkeys(meta_key), table):
+            if field.startswith(b"stage:"):
+                self._drop_area(table, field[6:])
+                self._call(lambda f=field: self._client.hdel(meta_key, f), table)
+
+    def _drop_area(self, table: TableRef, area: bytes) -> None:
         key = self._key(table, area)
-        if stream:
+        if self._call(lambda: self._client.type(key), table) == b"stream":
             self._call(lambda: self._client.unlink(key), table)
             return
-        while self._call(lambda: self._client.eval(DROP, 1, key, "-inf", "+inf", 10_000), table):
-            pass  # pages of 10k rows, so the server never blocks long
+        while self._call(lambda: self._client.eval(DROP, 1, key, "-inf", "+inf", PAGE), table):
+            pass
+
+    def _drop(self, table: TableRef, meta: dict[bytes, bytes], rows: RowRange) -> int:
+        area = self._key(table, meta[b"live"])
+        if meta[b"form"] == b"stream":
+            bounds = (str(rows.start), "+" if rows.end is None else str(rows.end))
+            return self._call(lambda: self._client.eval(XDROP, 1, area, *bounds), table)
+        return self._call(lambda: self._client.eval(DROP, 1, area, *_bounds(rows), 2**62), table)
+
+    def _trim(self, table: TableRef) -> None:
+        keys, args = (self._key(table, "meta"), self._key(table, "exp")), (self._key(table, ""), time.time(), PAGE)
+        while self._call(lambda: self._client.eval(TRIM, 2, *keys, *args), table) == PAGE:
+            pass
 
     # -- reading --------------------------------------------------------------------------------------------
 
@@ -421,14 +519,14 @@ class RedisLoader(Loader):
         low, high = _bounds(rows) if rows else ("-inf", "+inf")
         first = self._call(lambda: self._client.zcount(area, "-inf", f"({low}"), table)
         count = self._call(lambda: self._client.zcount(area, low, high), table)
-        for rank in range(first, first + count, 10_000):
-            stop = min(rank + 10_000, first + count) - 1
+        for rank in range(first, first + count, PAGE):
+            stop = min(rank + PAGE, first + count) - 1
             yield self._call(lambda r=rank, s=stop: self._client.eval(READ, 1, area, r, s, *fields), table)
 
     def _stream_pages(self, table: TableRef, area: bytes, rows: RowRange | None, fields: list) -> Iterator[list]:
         start, end = (str(rows.start), "+" if rows.end is None else str(rows.end)) if rows else ("-", "+")
         while True:
-            page = self._call(lambda s=start: self._client.eval(XREAD, 1, area, s, end, 10_000, *fields), table)
+            page = self._call(lambda s=start: self._client.eval(XREAD, 1, area, s, end, PAGE, *fields), table)
             if not page[2]:
                 return
             start = b"(" + page[2]
@@ -437,42 +535,41 @@ class RedisLoader(Loader):
     # -- the write path: whole columns → RESP → one raw pipelined socket -------------------------------------
 
     def _send(self, w: _Write, batches: Iterable[pa.RecordBatch]) -> None:
-        with self._lock:  # one raw socket per loader: writes from several threads take turns
-            self._send_locked(w, batches)
+        """Frame and send every batch, then count the replies; one raw socket per loader, so threads take turns."""
+        with self._lock:
+            sock = self._socket(w.table)
+            replies, state, sending = 0, _Replies(), None
 
-    def _send_locked(self, w: _Write, batches: Iterable[pa.RecordBatch]) -> None:
-        sock = self._socket(w.table)
-        replies, state, sending = 0, _Replies(), None
+            def push(buffers: list) -> None:
+                for buffer in buffers:
+                    sock.sendall(buffer)
+                state.drain(sock, wait=False)
 
-        def push(buffers: list) -> None:
-            for buffer in buffers:
-                sock.sendall(buffer)
-            state.drain(sock, wait=False)
-
-        # one thread sends chunk i (the GIL is released in sendall) while this one frames chunk i+1, so the
-        # server never waits for the encoder; at most two chunks are in memory
-        try:
-            with ThreadPoolExecutor(1, thread_name_prefix="amp-redis-send") as pool:
-                for batch in batches:
-                    _guard(w, batch)
-                    for start in range(0, batch.num_rows, CHUNK):
-                        buffers, expect = _frame(w, batch.slice(start, CHUNK))
-                        if sending is not None:
-                            sending.result()
-                        sending, replies = pool.submit(push, buffers), replies + expect
-                if sending is not None:
-                    sending.result()
-            while state.count < replies:
-                state.drain(sock, wait=True)
-        except OSError as exc:
-            self._drop_socket()
-            raise TransientError(
-                f"Redis {self.where} table {w.table}: the connection failed mid-write ({self._scrub(exc)}). "
-                "Rows sent so far may be stored: run the write again (replace ranges make it idempotent)."
-            ) from None
-        except BaseException:
-            self._drop_socket()  # unread replies would confuse the next write on this socket
-            raise
+            # one thread sends chunk i (the GIL is released in sendall) while this one frames chunk i+1, so the
+            # server never waits for the encoder; at most two chunks are in memory
+            try:
+                with ThreadPoolExecutor(1, thread_name_prefix="amp-redis-send") as pool:
+                    for batch in batches:
+                        _guard(w, batch)
+                        for start in range(0, batch.num_rows, CHUNK):
+                            buffers, expect = _frame(w, batch.slice(start, CHUNK))
+                            if sending is not None:
+                                sending.result()
+                            sending, replies = pool.submit(push, buffers), replies + expect
+                    if sending is not None:
+                        sending.result()
+                while state.count < replies:
+                    state.drain(sock, wait=True)
+            except OSError as exc:
+                self._drop_socket()
+                raise TransientError(
+                    f"Redis {self.where} table {w.table}: the connection failed mid-write "
+                    f"({scrub(str(exc), self._secret)}). Rows sent so far may be stored: run the write again "
+                    "(replace ranges make it idempotent)."
+                ) from None
+            except BaseException:
+                self._drop_socket()  # unread replies would confuse the next write on this socket
+                raise
         if state.error:
             raise TerminalError(
                 f"Redis {self.where} table {w.table}: the server refused a command: {state.error}. Other rows of "
@@ -481,6 +578,10 @@ class RedisLoader(Loader):
             )
 
     def _socket(self, table: TableRef) -> socket.socket:
+        # an idle socket with something to read was closed (or reset) by the server, e.g. by its idle timeout:
+        # found out before anything is sent, so nothing is sent twice
+        if self._sock is not None and select.select([self._sock], [], [], 0)[0]:
+            self._drop_socket()
         if self._sock is not None:
             return self._sock
         hello = [b"AUTH", *([self._user.encode()] if self._user else []), self._secret.encode()] if self._secret else []
@@ -496,7 +597,9 @@ class RedisLoader(Loader):
                 replies.drain(sock, wait=True)
             if replies.error:
                 sock.close()
-                raise TerminalError(f"Redis {self.where}: the server refused the login: {self._scrub(replies.error)}")
+                raise TerminalError(
+                    f"Redis {self.where}: the server refused the login: {scrub(replies.error, self._secret)}"
+                )
             return sock
 
         self._sock = self._call(connect, table)
@@ -517,19 +620,13 @@ class RedisLoader(Loader):
             return retry_call(fn, self._retry, _is_transient, f"Redis {self.where}")
         except (TerminalError, TransientError):
             raise
-        except (OSError, redis.ConnectionError, redis.TimeoutError) as exc:
-            if _is_transient(exc):
+        except (OSError, redis.RedisError) as exc:
+            if _is_transient(exc) and not isinstance(exc, redis.ResponseError):
                 raise ServiceUnavailableError(
                     f"Redis at {self._host}:{self._port} is unreachable after {self._retry.attempts} attempts "
-                    f"({self._scrub(exc)}). Check that the server runs and the host and port are right."
+                    f"({scrub(str(exc), self._secret)}). Check that the server runs and the host and port are right."
                 ) from None
-            raise TerminalError(f"Redis {self.where} table {table}: {self._scrub(exc)}") from None
-        except redis.RedisError as exc:
-            raise TerminalError(f"Redis {self.where} table {table}: {self._scrub(exc)}") from None
-
-    def _scrub(self, exc: object) -> str:
-        text = str(exc).strip()
-        return text.replace(self._secret, "***") if self._secret else text
+            raise TerminalError(f"Redis {self.where} table {table}: {scrub(str(exc), self._secret)}") from None
 
 
 class _Replies:
@@ -573,35 +670,20 @@ def _bounds(rows: RowRange) -> tuple[str, str]:
     return ("+inf" if rows.start > EXACT else str(rows.start)), high
 
 
-def _types(schema: pa.Schema) -> dict[str, str]:
-    return {f.name: str(f.type) for f in schema}
-
-
-def _incoming(schema: pa.Schema) -> dict[str, tuple[str, bool]]:
-    return {f.name: (str(f.type), f.nullable) for f in schema}
-
-
 def _guard(w: _Write, batch: pa.RecordBatch) -> None:
-    if not batch.num_rows:
-        return
-    column = batch.column(w.table.range_column)
-    bounds = pc.min_max(column)
+    """What the block index cannot hold (nulls and ranges are checked by checked_batches)."""
+    bounds = pc.min_max(batch.column(w.table.range_column))
     low, high = bounds["min"].as_py(), bounds["max"].as_py()
-    problem = None
-    if column.null_count:
-        problem = "is null in some rows: every row needs a range value to be indexed"
-    elif w.form == "hash" and (low < -EXACT or high > EXACT):
+    if w.form == "hash" and (low < -EXACT or high > EXACT):
         problem = f"reaches {high if high > EXACT else low}, beyond ±2^53, where sorted-set scores stop being exact"
     elif w.form == "stream" and low < 0:
         problem = f"is {low}; stream IDs cannot be negative"
-    if problem:
-        raise TerminalError(
-            f"Redis table {w.table}: range column {w.table.range_column!r} {problem}. "
-            "Filter or shift the values in the query, or use another range column."
-        )
-    for name in w.table.key:
-        if batch.column(name).null_count:
-            raise TerminalError(f"Redis table {w.table}: key column {name!r} is null in some rows; keys need values.")
+    else:
+        return
+    raise TerminalError(
+        f"Redis table {w.table}: range column {w.table.range_column!r} {problem}. "
+        "Filter or shift the values in the query, or use another range column."
+    )
 
 
 # -- encodings (whole columns, no per-row Python) ---------------------------------------------------------
@@ -613,12 +695,16 @@ def _int_type(t: pa.DataType) -> pa.DataType | None:
     return (pa.int64() if t.bit_width == 64 else pa.int32()) if temporal else None
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return is_binary_like(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
 def _encode(a: pa.Array) -> pa.Array:
     """Any column as binary values, nulls kept."""
     t = a.type
     if pa.types.is_dictionary(t):
         return _encode(a.dictionary_decode())
-    if is_binary_like(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+    if _is_text(t):
         return a.cast(pa.binary())
     if pa.types.is_nested(t):
         return json_strings(a).cast(pa.binary())
@@ -633,10 +719,10 @@ def _decode(v: pa.Array, t: pa.DataType) -> pa.Array:
         return _decode(v, t.value_type).dictionary_encode().cast(t)
     if pa.types.is_null(t):
         return pa.nulls(len(v))
-    if is_binary_like(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+    if _is_text(t):
         return v.cast(t)
     if pa.types.is_nested(t):
-        return _from_json(v, t)
+        return json_arrays(v.cast(pa.string()), t)
     text = v.cast(pa.string())
     return text.cast(_int_type(t)).cast(t) if _int_type(t) is not None else text.cast(t)
 
@@ -723,70 +809,15 @@ def _frame(w: _Write, batch: pa.RecordBatch) -> tuple[list, int]:
         return [_payload(rows), *expire], n + len(expire)
     keys = _bulk(_join(w.area + b":", members))
     parts = [*head, *keys, *fields]
-    if w.upsert:  # a row replaced by key must lose the fields it no longer has
-        parts = [b"*2\r\n$3\r\nDEL\r\n", *keys, *parts]
-    if w.ttl:
-        parts += [b"*3\r\n$6\r\nEXPIRE\r\n", *keys, _arg(b"%d" % w.ttl)]
-    rows = _join(*parts)
+    if w.table.key:  # a key written again is a new row, not the old one with some fields changed (a null is an
+        parts = [b"*2\r\n$3\r\nDEL\r\n", *keys, *parts]  # absent field); keys of keyless rows are always new
     # the index goes first: an index entry whose row never arrived is skipped by reads and removed by deletes,
     # while a row without an index entry could never be deleted by range
-    pairs = _join(*_bulk(ranges), *_bulk(members))
-    zadd = b"*%d\r\n$4\r\nZADD\r\n" % (2 + 2 * n) + _arg(w.area)
-    return [zadd, _payload(pairs), _payload(rows)], 1 + n * (1 + w.upsert + bool(w.ttl))
-
-
-# -- nested values: JSON with 0x-hex bytes, parsed back with Arrow's JSON reader ----------------------------
-
-_NIBBLE = np.zeros(256, np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _NIBBLE[_c] = _NIBBLE[ord(chr(_c).upper())] = _i
-
-
-def _json_type(t: pa.DataType) -> pa.DataType:
-    """The type JSON text parses into: bytes, decimals and temporal leaves as strings, converted after."""
-    if is_binary_like(t) or pa.types.is_decimal(t) or pa.types.is_temporal(t):
-        return pa.string()
-    if pa.types.is_struct(t):
-        return pa.struct([f.with_type(_json_type(f.type)).with_nullable(True) for f in t])
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return pa.list_(t.value_field.with_type(_json_type(t.value_type)).with_nullable(True))
-    return t
-
-
-def _json_leaves(a: pa.Array, t: pa.DataType) -> pa.Array:
-    mask = pc.is_null(a) if a.null_count else None
-    if pa.types.is_struct(t):
-        children = [_json_leaves(a.field(i), f.type) for i, f in enumerate(t)]
-        return pa.StructArray.from_arrays(children, names=[f.name for f in t], mask=mask)
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        offsets = pc.subtract(a.offsets, a.offsets[0])
-        return pa.ListArray.from_arrays(offsets, _json_leaves(a.flatten(), t.value_type), mask=mask)
-    if is_binary_like(t):
-        return _unhex(a).cast(t)
-    return a.cast(t)
-
-
-def _unhex(text: pa.Array) -> pa.Array:
-    text = pc.utf8_slice_codeunits(text, 2).cast(pa.large_string())  # drop "0x"
-    offsets = np.frombuffer(text.buffers()[1], np.int64)[text.offset : text.offset + len(text) + 1]
-    raw = np.frombuffer(text.buffers()[2], np.uint8)[offsets[0] : offsets[-1]] if text.buffers()[2] else []
-    nibbles = _NIBBLE[np.asarray(raw, np.uint8)]
-    body = (nibbles[0::2] << 4) | nibbles[1::2]
-    validity = pc.is_valid(text).buffers()[1] if text.null_count else None
-    buffers = [validity, pa.py_buffer((offsets - offsets[0]) // 2), pa.py_buffer(body.tobytes())]
-    return pa.Array.from_buffers(pa.large_binary(), len(text), buffers, text.null_count)
-
-
-def _from_json(v: pa.Array, t: pa.DataType) -> pa.Array:
-    import pyarrow.json as pj
-
-    if not len(v):
-        return pa.array([], t)
-    lines = _join(b'{"v":', pc.fill_null(v, _b(b"null")), b"}\n")
-    text = _payload(lines)
-    parsed = pj.read_json(
-        pa.BufferReader(text),
-        read_options=pj.ReadOptions(block_size=max(1 << 20, text.size + 1)),
-        parse_options=pj.ParseOptions(explicit_schema=pa.schema([("v", _json_type(t))])),
-    )
-    return _json_leaves(parsed.column("v").combine_chunks(), t).cast(t)
+    zadd = b"*%d\r\n$4\r\nZADD\r\n" % (2 + 2 * n)
+    buffers = [zadd + _arg(w.area), _payload(_join(*_bulk(ranges), *_bulk(members)))]
+    if w.ttl:
+        parts += [b"*3\r\n$6\r\nEXPIRE\r\n", *keys, _arg(b"%d" % w.ttl)]
+        due = _arg(b"%d" % (time.time() + w.ttl + 1))
+        buffers += [zadd + _arg(w.exp), _payload(_join(due, *_bulk(members)))]
+    buffers.append(_payload(_join(*parts)))
+    return buffers, 1 + bool(w.ttl) + n * (1 + bool(w.table.key) + bool(w.ttl))
