@@ -433,3 +433,20 @@ def test_closing_a_stream_from_another_thread_ends_it(devserver):
     threading.Timer(0.5, stream.close).start()
     events = list(stream)  # blocks at the head until closed
     assert isinstance(events[-1], Checkpoint) and events[-1].position.blocks["mainnet"].number == 9
+
+
+def test_a_slow_server_delivers_the_same_data(devserver):
+    server = devserver(blocks=30, microbatch_blocks=10)
+    server.inject(Fault("slow", delay=0.02))
+    mirror = follow(AmpClient(server.url).stream(STREAM_LOGS), Mirror(), until_block=29)
+    assert_mirrors(mirror, server, 0, 29)
+
+
+def test_an_internal_server_error_is_terminal_and_not_retried(devserver):
+    server = devserver(blocks=5)
+    server.inject(Fault("internal", times=1))
+    client = AmpClient(server.url, query_retry=FAST)
+    with pytest.raises(QueryError, match="injected fault: internal") as caught:
+        client.query("SELECT 1")
+    assert caught.value.code == "INTERNAL" and not caught.value.transient
+    assert client.query("SELECT 1 AS one").reader.read_all().num_rows == 1  # the fault was used up, not retried
