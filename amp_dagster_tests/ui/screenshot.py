@@ -124,10 +124,7 @@ def main() -> int:
         work = Path(tmp)
         home = work / "dagster_home"
         home.mkdir()
-        # The project's instance settings, but with storage in the temporary home: dagster.yaml's `base_dir: .` is
-        # relative to the process's working directory (here /work/main), not to $DAGSTER_HOME.
-        config = (ROOT / "dagster.yaml").read_text()
-        (home / "dagster.yaml").write_text(config.replace("base_dir: .", f"base_dir: {json.dumps(str(home))}"))
+        shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")  # the project's settings; storage under the home
         amp_port, ui_port = free_port(), free_port()
         os.environ.update(
             DAGSTER_HOME=str(home), AMP_URL=f"grpc://127.0.0.1:{amp_port}", AMP_DEMO_DELTA=str(work / "delta")
