@@ -261,11 +261,6 @@ def check_in_range(
         yield batch
 
 
-def as_reader(data: ArrowData) -> pa.RecordBatchReader:
-    schema, batches = record_batches(data)
-    return pa.RecordBatchReader.from_batches(schema, batches)
-
-
 class Tally:
     """Counts rows and bytes of batches as they pass, for :class:`WriteResult`."""
 

@@ -14,7 +14,7 @@ Type map (Arrow → PostgreSQL):
   with bytes as ``0x`` hex strings.
 
 The table's Arrow schema is kept in the table comment: data is checked against it Arrow type by Arrow type, and
-:meth:`PostgresLoader.read` gives the original types back (``jsonb`` columns come back as JSON text).
+:meth:`PostgresLoader.read` gives the original types back (``jsonb`` columns parsed back into their nested types).
 A full refresh swaps in a new table: grants, triggers and publications on the old one do not carry over.
 """
 
@@ -49,7 +49,7 @@ from .base import (
     missing_table,
     require_columns,
 )
-from .encoding import json_strings
+from .encoding import json_arrays, json_strings
 from .schema import cast_columns, check_schema, schema_from_text, schema_to_text, widen
 
 COMMENT_TAG = "amp_dagster"
@@ -316,7 +316,7 @@ class PostgresLoader(Loader):
         def batches() -> Iterator[pa.RecordBatch]:
             try:
                 for batch in reader:
-                    yield cast_columns(batch, target, store=self.store, table=table, reading=True)
+                    yield cast_columns(_parse_json(batch, target), target, store=self.store, table=table, reading=True)
             finally:
                 cursor.close()
                 conn.close()
@@ -551,16 +551,27 @@ def _is_json(t: pa.DataType) -> bool:
 
 
 def _read_schema(native: pa.Schema, stored: pa.Schema | None) -> pa.Schema:
-    """The original Arrow types, where PostgreSQL's column maps back losslessly (jsonb stays JSON text)."""
+    """The original Arrow types of the columns the stored schema knows; PostgreSQL's own for the others."""
     fields = []
     for field in native:
         index = -1 if stored is None else stored.get_field_index(field.name)
-        if index >= 0 and not _is_json(stored.field(index).type):
+        if index >= 0:
             fields.append(stored.field(index))
         else:
             have = field.type.storage_type if isinstance(field.type, pa.BaseExtensionType) else field.type
             fields.append(pa.field(field.name, have, field.nullable))
     return pa.schema(fields)
+
+
+def _parse_json(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
+    """jsonb columns parsed back into their nested Arrow types (bytes from 0x-hex), over whole columns."""
+    arrays = []
+    for column, field in zip(batch.columns, target, strict=True):
+        if _is_json(field.type):
+            text = column.storage if isinstance(column, pa.ExtensionArray) else column
+            column = json_arrays(text, field.type)
+        arrays.append(column)
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
 
 
 def _list_items(convert: Callable[[pa.Array], pa.Array]) -> Callable[[pa.Array], pa.Array]:

@@ -6,7 +6,6 @@ import importlib
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar
 
 import pyarrow as pa
 
@@ -30,11 +29,6 @@ class Harness(ABC):
     Subclasses set the class attributes and implement ``loader`` and ``unreachable_loader``; they clean up
     what the test wrote in ``cleanup``.
     """
-
-    #: nested columns (structs, lists of structs) come back as JSON text rather than Arrow nested values
-    nested_as_json: ClassVar[bool] = False
-    #: columns that come back in another Arrow type, and the type: name → type (compared after casting)
-    read_types: ClassVar[dict[str, pa.DataType]] = {}
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path

@@ -13,8 +13,6 @@ from . import Harness
 
 
 class PostgresHarness(Harness):
-    nested_as_json = True
-
     def make_loader(self, **options) -> PostgresLoader:
         return PostgresLoader(POSTGRES_DSN, **options)
 
