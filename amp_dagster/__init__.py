@@ -36,7 +36,7 @@ _EXPORTS = {
     # the write side
     "Loader": "loaders.base",
     "TableRef": "loaders.base",
-    "RowRange": "loaders.base",
+    "RowRange": "ranges",
     "Capabilities": "loaders.base",
     "WriteResult": "loaders.base",
     "PostgresLoader": "loaders.postgres",
@@ -101,7 +101,6 @@ if TYPE_CHECKING:
     from .flight.protocol import Watermark as Watermark
     from .loaders.base import Capabilities as Capabilities
     from .loaders.base import Loader as Loader
-    from .loaders.base import RowRange as RowRange
     from .loaders.base import TableRef as TableRef
     from .loaders.base import WriteResult as WriteResult
     from .loaders.clickhouse import ClickHouseLoader as ClickHouseLoader
@@ -110,6 +109,7 @@ if TYPE_CHECKING:
     from .loaders.lmdb import LmdbLoader as LmdbLoader
     from .loaders.postgres import PostgresLoader as PostgresLoader
     from .loaders.redis import RedisLoader as RedisLoader
+    from .ranges import RowRange as RowRange
     from .retry import RetryPolicy as RetryPolicy
     from .sources import AmpQuerySource as AmpQuerySource
     from .sources import CursorSource as CursorSource

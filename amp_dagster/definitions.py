@@ -12,8 +12,9 @@ from pydantic import Field
 
 from .flight.client import DEFAULT_URL, AmpClient
 from .flight.protocol import Data
-from .loaders.base import RowRange, TableRef
+from .loaders.base import TableRef
 from .loaders.delta import DeltaLoader
+from .ranges import RowRange
 from .sources import AmpQuerySource
 
 LOGS = "SELECT * FROM eth_rpc.logs"

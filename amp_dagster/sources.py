@@ -16,7 +16,7 @@ import pyarrow as pa
 from .errors import ConfigError, TerminalError
 from .flight.client import AmpClient
 from .flight.protocol import Checkpoint, Cursor, Data, Event, Position, Watermark
-from .loaders.base import BLOCK_NUM, RowRange
+from .ranges import BLOCK_NUM, RowRange
 
 
 @runtime_checkable

@@ -10,9 +10,10 @@ import pyarrow.compute as pc
 import pytest
 
 from amp_dagster.errors import ConfigError, SchemaMismatchError, ServiceUnavailableError, TerminalError
-from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.clickhouse import ClickHouseLoader
 from amp_dagster.loaders.schema import schema_from_text, schema_to_text
+from amp_dagster.ranges import RowRange
 from amp_dagster.retry import RetryPolicy
 
 from . import data

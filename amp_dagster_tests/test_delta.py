@@ -15,9 +15,10 @@ import pytest
 from deltalake import DeltaTable
 
 from amp_dagster.errors import ConfigError, SchemaMismatchError, TerminalError, TransientError
-from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.delta import DeltaLoader, decode_name, encode_name
 from amp_dagster.loaders.lakehouse import portable_type
+from amp_dagster.ranges import RowRange
 from amp_dagster.retry import RetryPolicy
 
 from . import data

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from amp_dagster.errors import SchemaMismatchError, TerminalError
-from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.iceberg import PYICEBERG_LIST, IcebergLoader
+from amp_dagster.ranges import RowRange
 from amp_dagster.retry import RetryPolicy
 
 from . import data, services

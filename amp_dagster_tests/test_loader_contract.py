@@ -15,7 +15,8 @@ from amp_dagster.errors import (
     TerminalError,
     TransientError,
 )
-from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.base import TableRef
+from amp_dagster.ranges import RowRange
 
 from . import data
 from .services import closed_port
@@ -286,6 +287,34 @@ def test_new_nullable_column_is_added_or_named(store: Harness):
     required = wider.append_column(pa.field("must", pa.int64(), nullable=False), pa.array([1] * logs.num_rows))
     with pytest.raises(SchemaMismatchError, match=r"'must'.*not nullable"):
         loader.ensure_table(table, required.schema)
+
+
+def test_duplicate_column_names_are_refused_by_name(store: Harness):
+    loader, table = store.loader(), store.table("logs")
+    logs = data.logs(0, 2)
+    twice = pa.Table.from_arrays([*logs.columns, logs.column("address")], names=[*logs.schema.names, "address"])
+    for call in (lambda: loader.ensure_table(table, twice.schema), lambda: loader.write(table, twice)):
+        with pytest.raises(SchemaMismatchError, match=r"more than one column named 'address'"):
+            call()
+    loader.ensure_table(table, logs.schema)
+    with pytest.raises(SchemaMismatchError, match=r"more than one column named 'address'"):
+        loader.write(table, twice)
+    assert _rows(store, loader, table).num_rows == 0
+
+
+def test_schema_drift_names_each_column_and_how_it_differs(store: Harness):
+    loader, table = store.loader(), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 4)
+    loader.ensure_table(table, logs.schema)
+    fewer = logs.drop_columns(["topic3"])
+    index = fewer.schema.get_field_index("data")
+    drifted = fewer.set_column(index, pa.field("data", pa.string()), pa.array(["x"] * logs.num_rows))
+    with pytest.raises(SchemaMismatchError) as caught:
+        loader.write(table, drifted)
+    message = str(caught.value)
+    assert "'topic3' is in the table but not in the data" in message
+    assert "'data' is" in message and "in the table but string in the data" in message
+    assert "tx_hash" not in message, "only the columns that differ are named, not both whole schemas"
 
 
 # -- identifiers and failures -----------------------------------------------------------------------------

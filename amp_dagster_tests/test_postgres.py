@@ -11,8 +11,9 @@ import pytest
 from psycopg import sql
 
 from amp_dagster.errors import TerminalError, TransientError
-from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.postgres import PostgresLoader
+from amp_dagster.ranges import RowRange
 
 from . import data
 from .services import POSTGRES_DSN, require_postgres

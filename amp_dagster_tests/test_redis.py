@@ -14,9 +14,10 @@ import pytest
 import redis
 
 from amp_dagster.errors import ConfigError, NotSupportedError, SchemaMismatchError, TerminalError, TransientError
-from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.encoding import hex_strings, json_arrays, json_strings, unhex
 from amp_dagster.loaders.schema import schema_from_text
+from amp_dagster.ranges import RowRange
 
 from . import data, services
 from .stores.redis import RedisHarness

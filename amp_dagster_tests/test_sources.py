@@ -10,7 +10,7 @@ import pytest
 from amp_dagster.errors import ConfigError, TerminalError
 from amp_dagster.flight.client import AmpClient
 from amp_dagster.flight.protocol import Checkpoint, Cursor, Data, Watermark
-from amp_dagster.loaders.base import RowRange
+from amp_dagster.ranges import RowRange
 from amp_dagster.sources import AmpQuerySource, CursorSource, FlightSqlSource, Page, Source
 
 from .test_client import PlainFlightSql

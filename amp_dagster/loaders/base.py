@@ -10,17 +10,14 @@ Shared code branches on :class:`Capabilities`, never on which destination it is 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from ..errors import NotSupportedError, SchemaMismatchError, TerminalError
-
-BLOCK_NUM = "_block_num"
+from ..errors import NotSupportedError, TerminalError
+from ..ranges import BLOCK_NUM, RowRange
 
 
 class ArrowStream(Protocol):
@@ -61,34 +58,6 @@ class TableRef:
 
     def __str__(self) -> str:
         return f"{self.namespace}.{self.name}" if self.namespace else self.name
-
-
-@dataclass(frozen=True)
-class RowRange:
-    """Rows whose range column lies in ``start..=end``; ``end=None`` means "and everything after".
-
-    >>> RowRange(100, 199).contains(150), RowRange(100).contains(10**12)
-    (True, True)
-    """
-
-    start: int
-    end: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("start", "end"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise TerminalError(f"RowRange.{name} must be an integer, got {value!r}")
-        if self.start < 0:
-            raise TerminalError(f"RowRange.start must not be negative, got {self.start}")
-        if self.end is not None and self.end < self.start:
-            raise TerminalError(f"RowRange end {self.end} is before its start {self.start}")
-
-    def contains(self, value: int) -> bool:
-        return self.start <= value and (self.end is None or value <= self.end)
-
-    def __str__(self) -> str:
-        return f"{self.start}..={'' if self.end is None else self.end}"
 
 
 @dataclass(frozen=True)
@@ -183,198 +152,8 @@ class Loader(ABC):
         self.close()
 
 
-# -- helpers the destinations share ------------------------------------------------------------------------
-
-
-def record_batches(data: ArrowData) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """Any ArrowData as a schema and a lazy iterator of record batches (nothing is read ahead).
-
-    Batches of a plain iterable must all have the first one's column names and types: loaders address
-    columns by position, so a reordered batch would land in the wrong columns.
-    """
-    if isinstance(data, pa.RecordBatchReader):
-        return data.schema, iter(data)
-    if isinstance(data, pa.Table):
-        return data.schema, iter(data.to_batches())
-    if isinstance(data, pa.RecordBatch):
-        return data.schema, iter([data])
-    if hasattr(data, "__arrow_c_stream__"):
-        reader = pa.RecordBatchReader.from_stream(data)
-        return reader.schema, iter(reader)
-    iterator = iter(data)
-    first = next(iterator, None)
-    if first is None:
-        raise TerminalError(
-            "cannot write an empty iterable of record batches: its schema is unknown. "
-            "Pass a pyarrow.RecordBatchReader or a Table (which carry a schema) instead."
-        )
-    return first.schema, _same_shape(first, iterator)
-
-
-def _same_shape(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    yield first
-    for batch in rest:
-        if batch.schema.names != first.schema.names or batch.schema.types != first.schema.types:
-            raise SchemaMismatchError(
-                f"a record batch has columns {batch.schema} but the first batch had {first.schema}; "
-                "every batch of one write must have the same columns in the same order"
-            )
-        yield batch
-
-
-def checked_batches(
-    data: ArrowData, table: TableRef, store: str, rows: RowRange | None = None
-) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """The data's schema and batches, checked on the way through: the range and key columns exist, the range
-    column has no nulls, and with ``rows`` every row lies inside that range. Empty batches are dropped.
-
-    A null or out-of-range value would survive the next delete of its range and be duplicated when the range
-    is written again, so every write path goes through this (one vectorised min/max per batch).
-    """
-    schema, batches = record_batches(data)
-    require_columns(schema, table, store)
-    return schema, check_in_range(batches, table, rows, store)
-
-
-def check_in_range(
-    batches: Iterable[pa.RecordBatch], table: TableRef, rows: RowRange | None, store: str = "the"
-) -> Iterator[pa.RecordBatch]:
-    """Pass non-empty batches through, failing on a null range value or, with ``rows``, on a value outside it."""
-    for batch in batches:
-        if not batch.num_rows:
-            continue
-        column = batch.column(table.range_column)
-        if column.null_count:
-            raise TerminalError(
-                f"{store} table {table}: {column.null_count} row(s) have no {table.range_column} (null). Every "
-                "row must have one, or its range could never be deleted or replaced; filter them out in the query."
-            )
-        if rows is not None:
-            bounds = pc.min_max(column)
-            low, high = bounds["min"].as_py(), bounds["max"].as_py()
-            if not rows.contains(low) or not rows.contains(high):
-                bad = low if not rows.contains(low) else high
-                raise TerminalError(
-                    f"{store} table {table}: a row has {table.range_column}={bad}, outside the range {rows} being "
-                    "replaced. Filter the data to that range (or widen the range) before writing."
-                )
-        yield batch
-
-
-class Tally:
-    """Counts rows and bytes of batches as they pass, for :class:`WriteResult`."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.bytes = 0
-
-    def count(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            self.rows += batch.num_rows
-            self.bytes += batch.nbytes
-            yield batch
-
-    def result(self, commits: int = 1, **extra: Any) -> WriteResult:
-        return WriteResult(rows=self.rows, bytes=self.bytes, commits=commits, extra=extra)
-
-
-def require_columns(schema: pa.Schema, table: TableRef, store: str) -> None:
-    """The range column and key columns must exist in the data, with an integer range column."""
-    index = schema.get_field_index(table.range_column)
-    if index < 0:
-        raise SchemaMismatchError(
-            f"{store} table {table}: the data has no column {table.range_column!r} to key rows by range. "
-            f"Select it in the query, or set TableRef(range_column=...) to an integer column of the data."
-        )
-    if not pa.types.is_integer(schema.field(index).type):
-        raise SchemaMismatchError(
-            f"{store} table {table}: range column {table.range_column!r} is {schema.field(index).type}, "
-            "but it must be an integer column (a block number or an integer cursor)."
-        )
-    missing = [k for k in table.key if schema.get_field_index(k) < 0]
-    if missing:
-        raise SchemaMismatchError(
-            f"{store} table {table}: key column(s) {', '.join(map(repr, missing))} are not in the data; "
-            f"the data has {', '.join(schema.names)}."
-        )
-
-
-def compare_columns(
-    store: str,
-    table: TableRef,
-    existing: dict[str, str],
-    incoming: dict[str, tuple[str, bool]],
-    can_add: bool,
-) -> list[str]:
-    """Compare a table's columns (name -> store type) with the data's (name -> (store type, nullable)).
-
-    Returns the names of new columns to add. Raises :class:`SchemaMismatchError` naming the first column
-    whose type differs, a table column the data lacks, a new column that is not nullable (existing rows have
-    no value for it), or a new column the store cannot add.
-    """
-    missing = [name for name in existing if name not in incoming]
-    if missing:
-        raise SchemaMismatchError(
-            f"{store} table {table}: the table has column(s) {', '.join(map(repr, missing))} that the data "
-            "lacks. Select them in the query, or recreate the table for the new shape."
-        )
-    added = []
-    for name, (type_, nullable) in incoming.items():
-        have = existing.get(name)
-        if have is None:
-            if not can_add:
-                raise SchemaMismatchError(
-                    f"{store} table {table}: the data has a new column {name!r} ({type_}) that {store} "
-                    f"cannot add. Drop the column from the query or recreate the table."
-                )
-            if not nullable:
-                raise SchemaMismatchError(
-                    f"{store} table {table}: the data has a new column {name!r} ({type_}) that is not "
-                    "nullable, so existing rows would have no value for it. Make it nullable or recreate "
-                    "the table."
-                )
-            added.append(name)
-        elif have != type_:
-            raise SchemaMismatchError(
-                f"{store} table {table}: column {name!r} is {have} in the table but {type_} in the data. "
-                f"Cast the column in the query to match, or recreate the table."
-            )
-    return added
-
-
-def key_columns(table: TableRef, store: str) -> Sequence[str]:
-    """The table's key, or a clear error for operations that need one."""
-    if not table.key:
-        raise TerminalError(
-            f"{store} table {table}: this operation needs key columns. Set TableRef(key=(...)) to the columns "
-            "that identify a row, e.g. ('block_num', 'log_index') for logs."
-        )
-    return table.key
+# -- errors every loader raises the same way ----------------------------------------------------------
 
 
 def missing_table(store: str, where: str, table: TableRef) -> TerminalError:
     return TerminalError(f"{store} {where}: table {table} does not exist. Call ensure_table(table, schema) first.")
-
-
-def last_per_key(rows: pa.Table, key: Sequence[str]) -> pa.Table:
-    """One row per key, the last one: what applying the rows in order would leave (vectorised)."""
-    position = "__amp_position"
-    numbered = rows.select(list(key)).append_column(position, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
-    last = numbered.group_by(list(key), use_threads=False).aggregate([(position, "max")])
-    if last.num_rows == rows.num_rows:
-        return rows
-    return rows.take(np.sort(last[f"{position}_max"].to_numpy()))  # in input order
-
-
-def chunked(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[list[pa.RecordBatch]]:
-    """Batches grouped into lists of at least ``rows`` rows (the last list may be shorter)."""
-    chunk: list[pa.RecordBatch] = []
-    have = 0
-    for batch in batches:
-        chunk.append(batch)
-        have += batch.num_rows
-        if have >= rows:
-            yield chunk
-            chunk, have = [], 0
-    if chunk:
-        yield chunk

@@ -47,22 +47,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
+from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import (
-    ArrowData,
-    Capabilities,
-    Loader,
-    RowRange,
-    TableRef,
-    Tally,
-    WriteResult,
-    checked_batches,
-    compare_columns,
-    key_columns,
-    missing_table,
-    require_columns,
-)
-from .schema import cast_columns, check_schema, schema_from_text, schema_to_text, widen
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .batches import Tally, checked_batches, key_columns
+from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 COMMENT_TAG = "amp_dagster:"
 _EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end-of-stream marker of the Arrow IPC stream format
@@ -336,7 +325,7 @@ class ClickHouseLoader(Loader):
         if meta.schema is not None:
             return check_schema(self.store, table, meta.schema, schema, can_add=can_add)
         incoming = {f.name: (_ch_type(f.name, f.type, meta.nullable(f.name)), f.nullable) for f in schema}
-        return compare_columns(self.store, table, meta.columns, incoming, can_add=can_add)
+        return check_schema(self.store, table, meta.columns, incoming, can_add=can_add)
 
     def _create(self, table: TableRef, schema: pa.Schema) -> None:
         if table.namespace:

@@ -40,25 +40,12 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import AmpDagsterError, ConfigError, TerminalError, TransientError
+from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import (
-    ArrowData,
-    Capabilities,
-    Loader,
-    RowRange,
-    TableRef,
-    Tally,
-    WriteResult,
-    checked_batches,
-    chunked,
-    compare_columns,
-    key_columns,
-    last_per_key,
-    missing_table,
-    require_columns,
-)
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .batches import Tally, checked_batches, chunked, key_columns, last_per_key
 from .lakehouse import Feed, portable_schema
-from .schema import cast_columns, check_schema, schema_from_text, schema_to_text
+from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text
 
 ARROW_KEY = "amp_dagster.arrow_field"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -303,7 +290,7 @@ class DeltaLoader(Loader):
             return check_schema(self.store, table, pa.schema(origins), schema, can_add=can_add)
         existing = {f.name: _delta_type(f.type) for f in fields}
         incoming = {f.name: (_delta_type(Field.from_arrow(f).type), f.nullable) for f in self._portable(schema)}
-        return compare_columns(self.store, table, existing, incoming, can_add)
+        return check_schema(self.store, table, existing, incoming, can_add=can_add)
 
     def _target(self, table: TableRef, dt, schema: pa.Schema) -> pa.Schema:
         """The storage schema for writing ``schema`` into the existing table, in the table's column order."""

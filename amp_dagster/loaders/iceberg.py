@@ -56,25 +56,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import AmpDagsterError, SchemaMismatchError, ServiceUnavailableError, TerminalError, TransientError, scrub
+from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import (
-    ArrowData,
-    Capabilities,
-    Loader,
-    RowRange,
-    TableRef,
-    Tally,
-    WriteResult,
-    checked_batches,
-    chunked,
-    compare_columns,
-    key_columns,
-    last_per_key,
-    missing_table,
-    require_columns,
-)
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .batches import Tally, checked_batches, chunked, key_columns, last_per_key
 from .lakehouse import Feed, portable_schema, portable_type
-from .schema import canonical, cast_columns, check_schema, schema_from_text, schema_to_text, widen
+from .schema import canonical, cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 SCHEMA_PROPERTY = "amp_dagster.arrow-schema"
 DEFAULT_NAMESPACE = "default"
@@ -367,7 +354,7 @@ class IcebergLoader(Loader):
             check_schema(self.store, table, stored, schema, can_add=can_add)
         existing = {f.name: _kind(f.type, f.name) for f in _arrow(tbl.schema())}
         incoming = {f.name: (_kind(f.type, f.name), f.nullable) for f in schema}
-        return compare_columns(self.store, table, existing, incoming, can_add)
+        return check_schema(self.store, table, existing, incoming, can_add=can_add)
 
     def _target(self, tbl: Any, table: TableRef, schema: pa.Schema) -> pa.Schema:
         """The table's Arrow schema that data is cast to, after checking that the data fits it."""

@@ -56,22 +56,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import SchemaMismatchError, TerminalError, TransientError
-from .base import (
-    ArrowData,
-    Capabilities,
-    Loader,
-    RowRange,
-    TableRef,
-    Tally,
-    WriteResult,
-    checked_batches,
-    key_columns,
-    last_per_key,
-    missing_table,
-    require_columns,
-)
+from ..ranges import RowRange
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .batches import Tally, checked_batches, key_columns, last_per_key
 from .rowcodec import RowCodec, check_key_type, from_values, iter_values, ordered_keys, strictly_increasing
-from .schema import cast_columns, check_schema, schema_from_text, schema_to_text, widen
+from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 CATALOG = b"amp_dagster:tables"
 _SCAN = 4096  # keys taken per cursor step of a range delete

@@ -34,23 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import AmpDagsterError, ServiceUnavailableError, TerminalError, TransientError, scrub
+from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import (
-    ArrowData,
-    Capabilities,
-    Loader,
-    RowRange,
-    TableRef,
-    Tally,
-    WriteResult,
-    checked_batches,
-    compare_columns,
-    key_columns,
-    missing_table,
-    require_columns,
-)
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .batches import Tally, checked_batches, key_columns
 from .encoding import json_arrays, json_strings
-from .schema import cast_columns, check_schema, schema_from_text, schema_to_text, widen
+from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 COMMENT_TAG = "amp_dagster"
 
@@ -227,7 +216,7 @@ class PostgresLoader(Loader):
                 if stored is not None:
                     added = check_schema(self.store, table, stored, schema, can_add=True)
                 else:  # a table amp_dagster did not create: compare PostgreSQL types
-                    added = compare_columns(self.store, table, existing, _types(cols), can_add=True)
+                    added = check_schema(self.store, table, existing, _types(cols), can_add=True)
                 for col in (c for c in cols if c.name in added):
                     cur.execute(_sql("ALTER TABLE {} ADD COLUMN {} " + col.pg_type, _ident(table), _id(col.name)))
                 _create_indexes(cur, table, _ident(table), _index_names(table))
@@ -334,7 +323,7 @@ class PostgresLoader(Loader):
         stored = _stored_schema(cur, table)
         if stored is not None:
             check_schema(self.store, table, stored, schema, can_add=False)
-        compare_columns(self.store, table, existing, _types(cols), can_add=False)
+        check_schema(self.store, table, existing, _types(cols), can_add=False)
         return cols
 
     def _plan(self, schema: pa.Schema, table: TableRef) -> list[_Column]:

@@ -55,22 +55,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
+from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import (
-    ArrowData,
-    Capabilities,
-    Loader,
-    RowRange,
-    TableRef,
-    Tally,
-    WriteResult,
-    checked_batches,
-    key_columns,
-    missing_table,
-    require_columns,
-)
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .batches import Tally, checked_batches, key_columns
 from .encoding import hex_strings, is_binary_like, json_arrays, json_strings
-from .schema import cast_columns, check_schema, schema_from_text, schema_to_text, widen
+from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 EXACT = 2**53  # the largest integer a sorted-set score (a double) holds exactly
 CHUNK = 16_384  # rows framed per send: ~10 MB of commands for amp's logs, so memory stays bounded

@@ -10,6 +10,8 @@ checked against that schema, Arrow type against Arrow type.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -59,41 +61,74 @@ def canonical(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def check_schema(store: str, table: TableRef, stored: pa.Schema, incoming: pa.Schema, *, can_add: bool) -> list[str]:
-    """Check the data's schema against the table's stored Arrow schema; returns the new columns to add.
+def arrow_columns(schema: pa.Schema) -> dict[str, tuple[pa.DataType, bool]]:
+    """An Arrow schema as name -> (type, nullable), with storage-irrelevant variations removed (:func:`canonical`)."""
+    return {f.name: (canonical(f.type), f.nullable) for f in schema}
 
-    Raises :class:`SchemaMismatchError` naming the first column whose type differs, a table column the data
-    lacks, a new column that is not nullable, or a new column the store cannot add.
+
+def check_schema(
+    store: str,
+    table: TableRef,
+    existing: pa.Schema | Mapping[str, Any],
+    incoming: pa.Schema | Mapping[str, tuple[Any, bool]],
+    *,
+    can_add: bool,
+) -> list[str]:
+    """Compare a table's columns with the data's; returns the new columns to add.
+
+    ``existing`` is the table's stored Arrow schema or, for a table amp_dagster did not create, its columns as
+    name -> the store's own type name (and ``incoming`` then as name -> (store type, nullable)). Every difference
+    is collected, and one :class:`SchemaMismatchError` names each column and how it differs: a column whose type
+    differs, a table column the data lacks, a new column that is not nullable, or (``can_add=False``) any new one.
     """
-    missing = [f.name for f in stored if incoming.get_field_index(f.name) < 0]
+    have = {n: t for n, (t, _) in arrow_columns(existing).items()} if isinstance(existing, pa.Schema) else existing
+    want = arrow_columns(incoming) if isinstance(incoming, pa.Schema) else incoming
+    problems = [f"column {n!r} is in the table but not in the data" for n in have if n not in want]
+    added = []
+    for name, (type_, nullable) in want.items():
+        if name in have:
+            if have[name] != type_:
+                problems.append(f"column {name!r} is {have[name]} in the table but {type_} in the data")
+        elif not can_add:
+            problems.append(f"column {name!r} ({type_}) is new; call ensure_table(table, data.schema) first to add it")
+        elif not nullable:
+            problems.append(f"new column {name!r} ({type_}) is not nullable, so existing rows would have no value")
+        else:
+            added.append(name)
+    if problems:
+        raise SchemaMismatchError(
+            f"{store} table {table} does not fit the data: {'; '.join(problems)}. Cast or select the columns in "
+            "the query to match the table, or recreate the table for the new shape."
+        )
+    return added
+
+
+def require_columns(schema: pa.Schema, table: TableRef, store: str) -> None:
+    """Column names are unique, and the range column (an integer) and the key columns exist in the data."""
+    seen: set[str] = set()
+    twice = sorted({n for n in schema.names if n in seen or seen.add(n)})
+    if twice:
+        raise SchemaMismatchError(
+            f"{store} table {table}: the data has more than one column named {', '.join(map(repr, twice))}. "
+            "Give every column its own name in the query (SELECT ... AS another_name)."
+        )
+    index = schema.get_field_index(table.range_column)
+    if index < 0:
+        raise SchemaMismatchError(
+            f"{store} table {table}: the data has no column {table.range_column!r} to key rows by range. "
+            f"Select it in the query, or set TableRef(range_column=...) to an integer column of the data."
+        )
+    if not pa.types.is_integer(schema.field(index).type):
+        raise SchemaMismatchError(
+            f"{store} table {table}: range column {table.range_column!r} is {schema.field(index).type}, "
+            "but it must be an integer column (a block number or an integer cursor)."
+        )
+    missing = [k for k in table.key if schema.get_field_index(k) < 0]
     if missing:
         raise SchemaMismatchError(
-            f"{store} table {table}: the table has column(s) {', '.join(map(repr, missing))} that the data "
-            "lacks. Select them in the query, or recreate the table for the new shape."
+            f"{store} table {table}: key column(s) {', '.join(map(repr, missing))} are not in the data; "
+            f"the data has {', '.join(schema.names)}."
         )
-    added = []
-    for field in incoming:
-        index = stored.get_field_index(field.name)
-        if index >= 0:
-            have = stored.field(index).type
-            if canonical(have) != canonical(field.type):
-                raise SchemaMismatchError(
-                    f"{store} table {table}: column {field.name!r} is {have} in the table but {field.type} in "
-                    "the data. Cast the column in the query to match, or recreate the table."
-                )
-        elif not can_add:
-            raise SchemaMismatchError(
-                f"{store} table {table}: the data has a new column {field.name!r} ({field.type}) that the table "
-                "lacks. Call ensure_table(table, data.schema) first to add it, or drop it from the query."
-            )
-        elif not field.nullable:
-            raise SchemaMismatchError(
-                f"{store} table {table}: the data has a new column {field.name!r} ({field.type}) that is not "
-                "nullable, so existing rows would have no value for it. Make it nullable or recreate the table."
-            )
-        else:
-            added.append(field.name)
-    return added
 
 
 def widen(stored: pa.Schema, incoming: pa.Schema, added: list[str]) -> pa.Schema:

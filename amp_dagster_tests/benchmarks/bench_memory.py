@@ -118,7 +118,7 @@ def child(store: str, rows: int) -> None:
 
 
 def _everything():
-    from amp_dagster.loaders.base import RowRange
+    from amp_dagster.ranges import RowRange
 
     return RowRange(0)
 

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import redis
 
-from amp_dagster.loaders.base import RowRange, TableRef
+from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.redis import RedisLoader
+from amp_dagster.ranges import RowRange
 
 from ..services import REDIS_URL, require_redis
 from .harness import Case, batches, compare, logs_table
