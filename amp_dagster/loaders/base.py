@@ -10,13 +10,14 @@ Shared code branches on :class:`Capabilities`, never on which destination it is 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 
-from ..errors import NotSupportedError, TerminalError
+from ..errors import AmpDagsterError, NotSupportedError, TerminalError
 from ..ranges import BLOCK_NUM, RowRange
 
 
@@ -145,11 +146,58 @@ class Loader(ABC):
     def close(self) -> None:  # noqa: B027 - loaders without connections have nothing to release
         """Release connections; the loader must not be used afterwards."""
 
+    # -- errors: one hook, one shape, in every loader ---------------------------------------------------------
+
+    def _translate(self, exc: BaseException, table: TableRef | None, action: str = "") -> AmpDagsterError:
+        """A driver's exception as amp_dagster's typed error: transient or terminal, naming the store, where it
+        is, the table and the ``action`` that failed, without secrets. Each loader overrides this one hook."""
+        where = self.store + (f" table {table}" if table else "")
+        return TerminalError(f"{where}: {action + ' failed: ' if action else ''}{exc}")
+
+    @contextmanager
+    def _translating(
+        self,
+        table: TableRef | None,
+        action: str = "",
+        *,
+        feed: Feed | None = None,
+        errors: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    ) -> Iterator[None]:
+        """Run a block whose driver ``errors`` come out through :meth:`_translate`. Typed errors pass unchanged,
+        and so does what the data source itself raised while the driver pulled it (``feed``)."""
+        try:
+            yield
+        except AmpDagsterError:
+            raise
+        except errors as exc:
+            if feed is not None and feed.error is not None:
+                raise feed.error from None
+            raise self._translate(exc, table, action) from None
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Feed:
+    """The batches handed to a driver, remembering what the data source itself raised.
+
+    A driver's own failures are translated into typed errors, but the source's exception must come out unchanged;
+    some drivers (deltalake pulls the source on a worker thread) hand it back only as text.
+    """
+
+    def __init__(self, batches: Iterable[pa.RecordBatch]) -> None:
+        self._batches = batches
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from self._batches
+        except Exception as exc:
+            self.error = exc
+            raise
 
 
 # -- errors every loader raises the same way ----------------------------------------------------------

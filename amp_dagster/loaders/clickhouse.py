@@ -46,7 +46,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
+from ..errors import AmpDagsterError, ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
 from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
@@ -161,7 +161,7 @@ class ClickHouseLoader(Loader):
                         f"connecting to ClickHouse {self.where}",
                     )
                 except Exception as exc:
-                    raise self._translate(exc, None, connecting=True) from None
+                    raise self._translate(exc, None, "connect") from None
             return self._conn
 
     def _run(self, fn, table: TableRef | None, what: str, *, retry: bool = True):
@@ -169,12 +169,10 @@ class ClickHouseLoader(Loader):
         from clickhouse_connect.driver.exceptions import ClickHouseError
 
         client = self._client()
-        try:
+        with self._translating(table, errors=ClickHouseError):
             if not retry:
                 return fn(client)
             return retry_call(lambda: fn(client), self._retry, _is_transient, f"ClickHouse {what} on {table}")
-        except ClickHouseError as exc:
-            raise self._translate(exc, table) from None
 
     def _command(self, table: TableRef | None, sql: str, params: dict | None = None, settings: dict | None = None):
         return self._run(lambda c: c.command(sql, parameters=params, settings=settings), table, "command")
@@ -182,8 +180,9 @@ class ClickHouseLoader(Loader):
     def _rows(self, table: TableRef | None, sql: str, params: dict | None = None) -> list[tuple]:
         return self._run(lambda c: c.query(sql, parameters=params).result_rows, table, "query")
 
-    def _translate(self, exc: Exception, table: TableRef | None, connecting: bool = False) -> Exception:
+    def _translate(self, exc: BaseException, table: TableRef | None, action: str = "") -> AmpDagsterError:
         text, where = scrub(str(exc), *self._secrets), f"ClickHouse {self.where}" + (f" table {table}" if table else "")
+        connecting = action == "connect"
         if connecting and self._chdb:
             return ConfigError(
                 f"{where}: chdb cannot open its engine ({text}). chdb runs one engine path per process: use one "

@@ -42,9 +42,9 @@ import pyarrow as pa
 from ..errors import AmpDagsterError, ConfigError, TerminalError, TransientError
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .base import ArrowData, Capabilities, Feed, Loader, TableRef, WriteResult, missing_table
 from .batches import Tally, checked_batches, chunked, key_columns, last_per_key
-from .lakehouse import Feed, portable_schema
+from .lakehouse import portable_schema
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text
 
 ARROW_KEY = "amp_dagster.arrow_field"
@@ -231,13 +231,9 @@ class DeltaLoader(Loader):
         target, scanned = self._call(table, "read", scan)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            try:
+            with self._translating(table, "read"):
                 for batch in scanned:
                     yield cast_columns(batch, target, store=self.store, table=table, reading=True)
-            except AmpDagsterError:
-                raise
-            except Exception as exc:
-                raise self._error(table, "read", exc) from None
 
         return pa.RecordBatchReader.from_batches(target, batches())
 
@@ -314,16 +310,10 @@ class DeltaLoader(Loader):
 
     def _call(self, table: TableRef, action: str, fn: Callable, feed: Feed | None = None):
         """Run a deltalake call; re-raise the source's own error, else a typed one naming the table and path."""
-        try:
+        with self._translating(table, action, feed=feed):
             return fn()
-        except AmpDagsterError:
-            raise
-        except Exception as exc:
-            if feed is not None and feed.error is not None:
-                raise feed.error from None
-            raise self._error(table, action, exc) from None
 
-    def _error(self, table: TableRef, action: str, exc: Exception) -> AmpDagsterError:
+    def _translate(self, exc: BaseException, table: TableRef | None, action: str = "") -> AmpDagsterError:
         from deltalake.exceptions import CommitFailedError
 
         where = f"Delta Lake table {table} at {self.path(table)}"

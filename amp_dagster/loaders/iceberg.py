@@ -48,7 +48,6 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +57,9 @@ import pyarrow.compute as pc
 from ..errors import AmpDagsterError, SchemaMismatchError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .base import ArrowData, Capabilities, Feed, Loader, TableRef, WriteResult, missing_table
 from .batches import Tally, checked_batches, chunked, key_columns, last_per_key
-from .lakehouse import Feed, portable_schema, portable_type
+from .lakehouse import portable_schema, portable_type
 from .schema import canonical, cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 SCHEMA_PROPERTY = "amp_dagster.arrow-schema"
@@ -137,7 +136,7 @@ class IcebergLoader(Loader):
             return self._catalog_obj
 
     def _retrying(self, fn, what: str):
-        with self._errors():
+        with self._translating(None):
             return retry_call(fn, self._retry, _is_transient, f"{what} to the Iceberg catalog at {self.where}")
 
     def _again(self, fn: Callable[[], Any], what: str) -> Any:
@@ -145,32 +144,20 @@ class IcebergLoader(Loader):
         Exactly TransientError: an unreachable catalog (a subclass) was retried on connecting already."""
         return retry_call(fn, self._retry, lambda e: type(e) is TransientError, f"Iceberg {what}")
 
-    @contextmanager
-    def _errors(self, table: TableRef | None = None, feed: Feed | None = None):
-        """Library failures as typed errors naming the catalog and table, without secrets. Typed errors and what
-        the source itself raised pass through unchanged."""
+    def _translate(self, exc: BaseException, table: TableRef | None, action: str = "") -> AmpDagsterError:
         from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError, ValidationException
         from sqlalchemy.exc import SQLAlchemyError
 
         where = f"Iceberg catalog {self.where}" + (f" table {table}" if table else "")
-        try:
-            yield
-        except AmpDagsterError:
-            raise
-        except Exception as exc:
-            if feed is not None and exc is feed.error:
-                raise
-            # pyiceberg retried the commit itself and found a conflict it cannot resolve (or the table got created)
-            if isinstance(exc, CommitFailedException | ValidationException | TableAlreadyExistsError):
-                raise TransientError(
-                    f"{where}: another writer committed first ({self._scrub(exc)}). Run the write again."
-                ) from None
-            if isinstance(exc, SQLAlchemyError | ConnectionError | TimeoutError) and _is_transient(exc):
-                raise ServiceUnavailableError(
-                    f"Iceberg catalog at {self.where} is unreachable after {self._retry.attempts} attempts: "
-                    f"{self._scrub(exc)}. Check that its server runs and the host, port and credentials are right."
-                ) from None
-            raise TerminalError(f"{where}: {type(exc).__name__}: {self._scrub(exc)}") from None
+        # pyiceberg retried the commit itself and found a conflict it cannot resolve (or the table got created)
+        if isinstance(exc, CommitFailedException | ValidationException | TableAlreadyExistsError):
+            return TransientError(f"{where}: another writer committed first ({self._scrub(exc)}). Run the write again.")
+        if isinstance(exc, SQLAlchemyError | ConnectionError | TimeoutError) and _is_transient(exc):
+            return ServiceUnavailableError(
+                f"Iceberg catalog at {self.where} is unreachable after {self._retry.attempts} attempts: "
+                f"{self._scrub(exc)}. Check that its server runs and the host, port and credentials are right."
+            )
+        return TerminalError(f"{where}: {action + ': ' if action else ''}{type(exc).__name__}: {self._scrub(exc)}")
 
     def _scrub(self, exc: BaseException) -> str:
         text = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -191,7 +178,7 @@ class IcebergLoader(Loader):
 
         def run() -> None:
             tbl = self._load(table, missing_ok=True)
-            with self._errors(table):
+            with self._translating(table):
                 if tbl is None:
                     try:
                         self._create(table, schema, ready, staged=False)
@@ -216,7 +203,7 @@ class IcebergLoader(Loader):
         schema, batches = checked_batches(data, table, self.store, replace)
         tbl = self._load(table)
         tally, feed = Tally(), Feed(batches)
-        with self._errors(table, feed):
+        with self._translating(table, feed=feed):
             target = self._target(tbl, table, schema)
             txn, before = tbl.transaction(), len(tbl.snapshots())
             deleted = replace is not None and self._delete(txn, tbl, table, replace)
@@ -228,7 +215,7 @@ class IcebergLoader(Loader):
             tbl = self._load(table, missing_ok=True)
             if tbl is None:
                 return 0
-            with self._errors(table):
+            with self._translating(table):
                 txn, total = tbl.transaction(), _total(tbl)
                 return total - _total(txn.commit_transaction()) if self._delete(txn, tbl, table, rows) else 0
 
@@ -242,7 +229,7 @@ class IcebergLoader(Loader):
         ready = self._portable(schema, table)
         tbl = self._load(table, missing_ok=True)
         tally, feed = Tally(), Feed(batches)
-        with self._errors(table, feed):
+        with self._translating(table, feed=feed):
             if tbl is None:  # created by the commit that brings the data: a failure leaves no table behind
                 txn, before = self._create(table, schema, ready, staged=True), 0
                 meta = txn.table_metadata
@@ -267,7 +254,7 @@ class IcebergLoader(Loader):
         schema, batches = checked_batches(data, table, self.store)
         tbl = self._load(table)
         tally, feed = Tally(), Feed(batches)
-        with self._errors(table, feed):
+        with self._translating(table, feed=feed):
             target = self._target(tbl, table, schema)
             txn, before = tbl.transaction(), len(tbl.snapshots())
             for chunk in chunked(self._cast(tally.count(feed), table, target), self._chunk_rows):
@@ -297,12 +284,12 @@ class IcebergLoader(Loader):
         native, stored = _arrow(tbl.schema()), _stored_schema(tbl) or pa.schema([])
         names = [n for n in stored.names if n in native.names] + [n for n in native.names if n not in stored.names]
         target = pa.schema([stored.field(n) if n in stored.names else native.field(n) for n in names])
-        with self._errors(table):
+        with self._translating(table):
             scan = tbl.scan(row_filter=_range_filter(table, rows) if rows else AlwaysTrue())
             tasks, files = list(scan.plan_files()), ArrowScan(tbl.metadata, tbl.io, tbl.schema(), scan.row_filter)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            with self._errors(table):
+            with self._translating(table):
                 for task in tasks:  # file by file: pyiceberg's own reader submits every file to its pool at once
                     for batch in files.to_record_batches([task]):
                         yield cast_columns(batch, target, store=self.store, table=table, reading=True)

@@ -1,9 +1,6 @@
-"""What the Delta Lake and Iceberg loaders share: the Arrow types a table format stores exactly, and a feed that
-tells the source's own failures from the library's."""
+"""What the Delta Lake and Iceberg loaders share: the Arrow types a table format stores exactly."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 
@@ -87,22 +84,3 @@ def portable_schema(schema: pa.Schema, *, store: str, **options: bool) -> pa.Sch
     """:func:`portable_type` of every column, keeping names and nullability."""
     fields = [pa.field(f.name, portable_type(f.type, f.name, store=store, **options), f.nullable) for f in schema]
     return pa.schema(fields)
-
-
-class Feed:
-    """The batches handed to a table library, remembering what the source itself raised.
-
-    The library's own failures are translated into typed errors, but the source's exception must come out
-    unchanged; deltalake, which pulls the source on a worker thread, hands it back only as text.
-    """
-
-    def __init__(self, batches: Iterable[pa.RecordBatch]) -> None:
-        self._batches = batches
-        self.error: Exception | None = None
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        try:
-            yield from self._batches
-        except Exception as exc:
-            self.error = exc
-            raise

@@ -55,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import SchemaMismatchError, TerminalError, TransientError
+from ..errors import AmpDagsterError, SchemaMismatchError, TerminalError, TransientError
 from ..ranges import RowRange
 from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
 from .batches import Tally, checked_batches, key_columns, last_per_key
@@ -199,7 +199,7 @@ class LmdbLoader(Loader):
         return tally.result()
 
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
-        with self._typed(table):
+        with self._translating(table, errors=lmdb.Error):
             txn = self._env().begin()  # one snapshot for the whole read, released when the batches are done
             try:
                 t = self._require(txn, table)
@@ -213,7 +213,7 @@ class LmdbLoader(Loader):
         left out. ``keys`` needs the table's key columns and may hold others."""
         names = key_columns(table, self.store)
         keys = pa.Table.from_batches([keys]) if isinstance(keys, pa.RecordBatch) else keys
-        with self._typed(table), self._env().begin() as txn:
+        with self._translating(table, errors=lmdb.Error), self._env().begin() as txn:
             t = self._require(txn, table)
             missing = [k for k in names if keys.schema.get_field_index(k) < 0]
             if missing:
@@ -267,20 +267,13 @@ class LmdbLoader(Loader):
             ) from None
 
     @contextmanager
-    def _typed(self, table: TableRef | None):
-        try:
-            yield
-        except lmdb.Error as exc:
-            raise self._translate(exc, table) from None
-
-    @contextmanager
     def _writing(self, table: TableRef) -> Iterator[Any]:
         """One write transaction: it commits if the block completes, and aborts on any error."""
-        with self._typed(table), self._env().begin(write=True) as txn:
+        with self._translating(table, errors=lmdb.Error), self._env().begin(write=True) as txn:
             yield txn
 
-    def _translate(self, exc: lmdb.Error, table: TableRef | None) -> Exception:
-        where = f"LMDB at {self.path}" + (f", table {table}" if table else "")
+    def _translate(self, exc: BaseException, table: TableRef | None, action: str = "") -> AmpDagsterError:
+        where = f"LMDB at {self.path}" + (f", table {table}" if table else "") + (f", {action}" if action else "")
         if isinstance(exc, lmdb.MapFullError | lmdb.MapResizedError):  # resized: another process's map is larger
             return TerminalError(
                 f"{where}: the data outgrows the map of {self._env().info()['map_size']:,} bytes (a write that "
@@ -424,7 +417,7 @@ class LmdbLoader(Loader):
 
     def _decoded(self, txn, t: _Table, table: TableRef, rows: RowRange | None) -> Iterator[pa.RecordBatch]:
         try:
-            with self._typed(table):
+            with self._translating(table, errors=lmdb.Error):
                 for values in _stored_values(txn, t, rows, self._batch_rows):
                     yield t.codec.decode(from_values(values))
         finally:

@@ -167,14 +167,11 @@ class PostgresLoader(Loader):
         conn = None
         try:
             conn = self._checkout()
-            try:
-                with conn.transaction(), conn.cursor() as cur:
-                    if table is not None:
-                        key = f"{table.namespace or 'public'}.{table.name}"
-                        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
-                    yield cur
-            except psycopg.Error as exc:
-                raise self._translate(exc, table) from None
+            with self._translating(table, errors=psycopg.Error), conn.transaction(), conn.cursor() as cur:
+                if table is not None:
+                    key = f"{table.namespace or 'public'}.{table.name}"
+                    cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+                yield cur
         finally:
             if conn is not None and not conn.closed and not conn.broken:
                 self._idle.put(conn)
@@ -191,8 +188,8 @@ class PostgresLoader(Loader):
             except queue.Empty:
                 return
 
-    def _translate(self, exc: Exception, table: TableRef | None) -> Exception:
-        where = f"PostgreSQL {self.where}" + (f" table {table}" if table else "")
+    def _translate(self, exc: BaseException, table: TableRef | None, action: str = "") -> AmpDagsterError:
+        where = f"PostgreSQL {self.where}" + (f" table {table}" if table else "") + (f" ({action})" if action else "")
         sqlstate = getattr(exc, "sqlstate", None) or "-"
         cls = TransientError if _is_transient(exc) else TerminalError
         return cls(f"{where}: {scrub(str(exc), self._secret)} (SQLSTATE {sqlstate})")

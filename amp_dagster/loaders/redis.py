@@ -54,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
+from ..errors import AmpDagsterError, ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
 from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
@@ -606,17 +606,19 @@ class RedisLoader(Loader):
         """Run a command with bounded retries of transient failures; errors come out typed, without secrets."""
         import redis
 
-        try:
+        with self._translating(table, errors=(OSError, redis.RedisError)):
             return retry_call(fn, self._retry, _is_transient, f"Redis {self.where}")
-        except (TerminalError, TransientError):
-            raise
-        except (OSError, redis.RedisError) as exc:
-            if _is_transient(exc) and not isinstance(exc, redis.ResponseError):
-                raise ServiceUnavailableError(
-                    f"Redis at {self._host}:{self._port} is unreachable after {self._retry.attempts} attempts "
-                    f"({scrub(str(exc), self._secret)}). Check that the server runs and the host and port are right."
-                ) from None
-            raise TerminalError(f"Redis {self.where} table {table}: {scrub(str(exc), self._secret)}") from None
+
+    def _translate(self, exc: BaseException, table: TableRef | None, action: str = "") -> AmpDagsterError:
+        import redis
+
+        if _is_transient(exc) and not isinstance(exc, redis.ResponseError):
+            return ServiceUnavailableError(
+                f"Redis at {self._host}:{self._port} is unreachable after {self._retry.attempts} attempts "
+                f"({scrub(str(exc), self._secret)}). Check that the server runs and the host and port are right."
+            )
+        where = f"Redis {self.where}" + (f" table {table}" if table else "") + (f" ({action})" if action else "")
+        return TerminalError(f"{where}: {scrub(str(exc), self._secret)}")
 
 
 class _Replies:
