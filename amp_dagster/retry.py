@@ -49,6 +49,36 @@ NO_RETRY = RetryPolicy(attempts=1)
 DEFAULT_RETRY = RetryPolicy()
 
 
+class Backoff:
+    """The one backoff loop, for callers that cannot hand their work over as a function (generators that must
+    keep their place, streams that reconnect). ``pause`` after each failure says whether to try again.
+
+    >>> backoff = Backoff(RetryPolicy(attempts=2, initial_delay=0), "a call")
+    >>> backoff.pause(TimeoutError(), transient=True), backoff.pause(TimeoutError(), transient=True)
+    (True, False)
+    """
+
+    def __init__(self, policy: RetryPolicy, what: str) -> None:
+        self.policy, self.what = policy, what
+        self._delays = policy.delays()
+
+    def pause(self, error: BaseException, transient: bool | None = None) -> bool:
+        """After a failure: sleep and return True when another try may succeed (a transient error, attempts
+        left), else return False and the caller raises. ``transient`` defaults to the error's own flag."""
+        if transient is None:
+            transient = bool(getattr(error, "transient", False))
+        delay = next(self._delays, None) if transient else None
+        if delay is None:
+            return False
+        log.warning("%s failed (%s); retrying in %.2fs", self.what, type(error).__name__, delay)
+        time.sleep(delay)
+        return True
+
+    def reset(self) -> None:
+        """Progress was made: the failure budget starts over."""
+        self._delays = self.policy.delays()
+
+
 def retry_call(
     fn: Callable[[], T],
     policy: RetryPolicy,
@@ -59,15 +89,10 @@ def retry_call(
 
     The last transient error is re-raised unchanged, so the caller's own error translation still applies.
     """
-    delays = policy.delays()
+    backoff = Backoff(policy, what)
     while True:
         try:
             return fn()
         except Exception as exc:
-            if not is_transient(exc):
+            if not backoff.pause(exc, is_transient(exc)):
                 raise
-            delay = next(delays, None)
-            if delay is None:
-                raise
-            log.warning("%s failed (%s); retrying in %.2fs", what, type(exc).__name__, delay)
-            time.sleep(delay)

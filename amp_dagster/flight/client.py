@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..errors import AmpDagsterError, AuthenticationError, ConfigError, QueryError, ServiceUnavailableError
-from ..retry import NO_RETRY, RetryPolicy
+from ..retry import NO_RETRY, Backoff, RetryPolicy
 from .protocol import (
     BatchMetadata,
     BlockRange,
@@ -152,17 +151,14 @@ class AmpClient:
         return self._retrying(lambda: self._client().get_flight_info(descriptor, options), sql, policy)
 
     def _retrying(self, call, sql: str, policy: RetryPolicy):
-        delays = policy.delays()
+        backoff = Backoff(policy, f"amp at {self.url}")
         while True:
             try:
                 return call()
             except Exception as exc:
                 error = self.translate(exc, sql)
-                delay = next(delays, None) if error.transient else None
-                if delay is None:
+                if not backoff.pause(error):
                     raise error from None
-                log.warning("amp at %s: %s; retrying in %.2fs", self.url, type(error).__name__, delay)
-                time.sleep(delay)
 
     def translate(self, exc: BaseException, sql: str | None = None) -> AmpDagsterError:
         """A Flight or transport exception as amp_dagster's typed error, with the server's own message."""
@@ -218,7 +214,7 @@ class QueryResult:
         client, options, ranges = self._client, self._client._options(), []
         for endpoint in self._info.endpoints:
             flight_client = client._endpoint_client(endpoint)
-            delays, delivered = client.query_retry.delays(), False
+            backoff, delivered = Backoff(client.query_retry, f"amp at {client.url}: reading a result"), False
             while True:
                 found: list[BlockRange] = []
                 try:
@@ -232,10 +228,8 @@ class QueryResult:
                 except Exception as exc:
                     # before the first row, a transient failure is retried; after it, the caller must decide
                     error = client.translate(exc, self._sql)
-                    delay = next(delays, None) if error.transient and not delivered else None
-                    if delay is None:
+                    if delivered or not backoff.pause(error):
                         raise error from None
-                    time.sleep(delay)
             ranges.extend(found)
         self._ranges = tuple(ranges)
 
@@ -257,7 +251,7 @@ class AmpStream:
     def __iter__(self) -> Iterator[Event]:
         tracker = RangeTracker(self.watermark)
         pending: dict[str, int] = {}  # network -> first block of rows delivered since the last checkpoint
-        delays = self._client.stream_retry.delays()
+        backoff = Backoff(self._client.stream_retry, f"amp stream at {self._client.url}")
         while not self._closed:
             try:
                 for event in self._connection(tracker):
@@ -266,7 +260,7 @@ class AmpStream:
                             pending.setdefault(r.network, r.start)
                     elif isinstance(event, Checkpoint):
                         pending.clear()
-                        delays = self._client.stream_retry.delays()  # progress: the failure budget starts over
+                        backoff.reset()  # progress: the failure budget starts over
                     else:  # a reorg voids pending rows at and after its block; the consumer deletes them
                         pending.pop(event.network, None)
                     yield event
@@ -275,17 +269,14 @@ class AmpStream:
                 if self._closed:
                     return
                 error = self._client.translate(exc, self._sql)
-                delay = next(delays, None) if error.transient else None
-                if delay is None:
+                if not backoff.pause(error):
                     raise error from None
                 self.reconnects += 1
-                log.warning("amp stream interrupted (%s); resuming from %s in %.2fs", type(error).__name__,
-                            self.watermark.to_json() if self.watermark else "the start", delay)  # fmt: skip
+                log.warning("amp stream resumes from %s", self.watermark.to_json() if self.watermark else "the start")
                 for network, first in sorted(pending.items()):
                     yield Rewind(network, first, reason=str(error))
                 pending.clear()
                 tracker.reset(self.watermark)
-                time.sleep(delay)
 
     def _connection(self, tracker: RangeTracker) -> Iterator[Event]:
         # the stream's own reconnect loop retries; no second retry loop inside it
