@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from amp_dagster.errors import SchemaMismatchError, TerminalError
+from amp_dagster.loaders import pyiceberg_fix
 from amp_dagster.loaders.base import TableRef
-from amp_dagster.loaders.iceberg import PYICEBERG_LIST, IcebergLoader
+from amp_dagster.loaders.iceberg import IcebergLoader
 from amp_dagster.ranges import RowRange
 from amp_dagster.retry import RetryPolicy
 
@@ -118,10 +119,10 @@ def test_a_null_list_of_structs_is_stored_as_null(loader):
 
 
 def test_canary_pyiceberg_itself_still_loses_null_lists_of_structs(loader, monkeypatch):
-    """When this fails, pyiceberg keeps the nulls itself: delete _keep_null_lists from iceberg.py."""
+    """When this fails, pyiceberg keeps the nulls itself: delete loaders/pyiceberg_fix.py."""
     from pyiceberg.io.pyarrow import ArrowProjectionVisitor
 
-    monkeypatch.setattr(ArrowProjectionVisitor, "list", PYICEBERG_LIST)
+    monkeypatch.setattr(ArrowProjectionVisitor, "list", pyiceberg_fix.install())
     column = pa.list_(pa.struct([("a", pa.int64())]))
     rows = pa.table({"l": pa.array([None, [{"a": 1}]], column)})
     loader.catalog.create_namespace_if_not_exists("plain")
@@ -357,3 +358,19 @@ def test_postgresql_catalog_end_to_end(tmp_path, pg_catalog):
         assert fresh.read(ref).read_all().sort_by(SORT_LOGS).equals(want)
         fresh.replace_table(ref, data.logs(0, 4))
         assert fresh.read(ref).read_all().sort_by(SORT_LOGS).equals(data.logs(0, 4).sort_by(SORT_LOGS))
+
+
+def test_the_fix_is_installed_by_the_first_loader_not_by_the_import():
+    import subprocess
+    import sys
+
+    script = (
+        "from pyiceberg.io.pyarrow import ArrowProjectionVisitor as V\n"
+        "original = V.list\n"
+        "import amp_dagster.loaders.iceberg as m\n"
+        "assert V.list is original, 'importing the module must not patch pyiceberg'\n"
+        "import tempfile\n"
+        "m.IcebergLoader(tempfile.mkdtemp())\n"
+        "assert V.list is not original, 'building a loader installs the fix'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)

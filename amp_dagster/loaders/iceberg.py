@@ -33,9 +33,9 @@ as a level separator (like Iceberg's JDBC catalog), so ``"a.b"`` is nested and a
 directories are sanitised names plus a hash, so no identifier becomes a path. Filters are pyiceberg expression
 objects, never strings.
 
-Importing this module changes pyiceberg's behaviour for the whole process: pyiceberg 0.12 writes and reads a null
-``list<struct>`` as ``[]`` (apache/iceberg-python#3833), and this module installs the upstream fix (#3834) in its
-place. See :func:`_keep_null_lists`.
+The first IcebergLoader built changes pyiceberg's behaviour for the whole process: pyiceberg 0.12 writes and reads a
+null ``list<struct>`` as ``[]`` (apache/iceberg-python#3833), and :mod:`.pyiceberg_fix` installs the upstream fix
+(#3834) in its place.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import pyarrow.compute as pc
 from ..errors import AmpDagsterError, SchemaMismatchError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
+from . import pyiceberg_fix
 from .base import ArrowData, Capabilities, Feed, Loader, TableRef, WriteResult, missing_table
 from .batches import Tally, checked_batches, chunked, key_columns, last_per_key
 from .lakehouse import portable_schema, portable_type
@@ -99,6 +100,7 @@ class IcebergLoader(Loader):
     ) -> None:
         from sqlalchemy.engine import make_url
 
+        pyiceberg_fix.install()
         if catalog is None:
             if warehouse is None:
                 raise TerminalError("IcebergLoader needs a warehouse directory, or a catalog=... configuration")
@@ -513,39 +515,3 @@ def _is_transient(exc: BaseException) -> bool:
         # connection failures and sqlite's "database is locked"; not "no such table" or syntax errors
         return any(s in text for s in ("connect", "refused", "timeout", "timed out", "locked", "terminat", "closed"))
     return False
-
-
-# -- the null list<struct> fix, installed once for the process -------------------------------------------------
-
-
-def _keep_null_lists() -> Callable:
-    """pyiceberg 0.12 rebuilds a ``list<struct>`` array from its offsets and values alone, dropping its validity
-    bitmap, so a null list becomes ``[]``: in the Parquet files it writes (for good) and in what it reads
-    (apache/iceberg-python#3833). This installs the upstream fix (#3834): the same rebuild, with the nulls passed
-    on. Only for 0.12.x, the releases known to need it; a canary in ``test_iceberg`` fails once pyiceberg keeps
-    the nulls itself. Installed at import, under the import lock, so no thread sees a half-patched class.
-    Returns pyiceberg's own method, for that canary.
-    """
-    import pyiceberg
-    from pyiceberg.io.pyarrow import ArrowProjectionVisitor
-
-    original = ArrowProjectionVisitor.list
-    if not pyiceberg.__version__.startswith("0.12."):
-        return original
-
-    def list_(self, list_type, list_array: pa.Array | None, value_array: pa.Array | None) -> pa.Array | None:
-        if isinstance(list_array, pa.ListArray | pa.LargeListArray | pa.FixedSizeListArray) and value_array is not None:
-            list_initializer = pa.large_list if isinstance(list_array, pa.LargeListArray) else pa.list_
-            if isinstance(value_array, pa.StructArray):
-                mask = list_array.is_null() if list_array.null_count else None  # the one change: keep the nulls
-                list_array = pa.LargeListArray.from_arrays(list_array.offsets, value_array, mask=mask)
-            value_array = self._cast_if_needed(list_type.element_field, value_array)
-            arrow_field = list_initializer(self._construct_field(list_type.element_field, value_array.type))
-            return list_array.cast(arrow_field)
-        return None
-
-    ArrowProjectionVisitor.list = list_
-    return original
-
-
-PYICEBERG_LIST = _keep_null_lists()
