@@ -39,6 +39,10 @@ class ConfigError(TerminalError):
     """A setting is missing or has a value that cannot work; the message names the setting and the fix."""
 
 
+class MissingDriverError(ConfigError):
+    """A destination's Python driver is not installed; the message names the extra that brings it."""
+
+
 class QueryError(TerminalError):
     """The server refused or failed the query (bad SQL, unknown table, non-incremental streaming SQL...).
 

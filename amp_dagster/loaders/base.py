@@ -9,6 +9,7 @@ Shared code branches on :class:`Capabilities`, never on which destination it is 
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 
-from ..errors import AmpDagsterError, NotSupportedError, TerminalError
+from ..errors import AmpDagsterError, MissingDriverError, NotSupportedError, TerminalError
 from ..ranges import BLOCK_NUM, RowRange
 
 
@@ -201,6 +202,17 @@ class Feed:
 
 
 # -- errors every loader raises the same way ----------------------------------------------------------
+
+
+def require_driver(module: str, extra: str, store: str) -> Any:
+    """Import a destination's driver, or fail naming the ``amp-dagster`` extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDriverError(
+            f"{store} needs the Python package {module!r}, which cannot be imported ({exc}). Install it with "
+            f"`pip install 'amp-dagster[{extra}]'` (or `uv add 'amp-dagster[{extra}]'`)."
+        ) from None
 
 
 def missing_table(store: str, where: str, table: TableRef) -> TerminalError:

@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 from ..errors import AmpDagsterError, ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, key_columns
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
@@ -128,6 +128,9 @@ class ClickHouseLoader(Loader):
         **options: Any,
     ) -> None:
         parsed = urlparse(dsn or "")
+        require_driver("clickhouse_connect", "clickhouse", self.store)
+        if parsed.scheme == "chdb":
+            require_driver("chdb", "chdb", "ClickHouse in-process (chdb://)")
         password = os.environ.get("CLICKHOUSE_PASSWORD", "") if password is None else password
         self._secrets = (password, parsed.password)
         self._chdb = parsed.scheme == "chdb"

@@ -42,7 +42,7 @@ import pyarrow as pa
 from ..errors import AmpDagsterError, ConfigError, TerminalError, TransientError
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import ArrowData, Capabilities, Feed, Loader, TableRef, WriteResult, missing_table
+from .base import ArrowData, Capabilities, Feed, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, chunked, key_columns, last_per_key
 from .lakehouse import portable_schema
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text
@@ -108,6 +108,7 @@ class DeltaLoader(Loader):
         max_row_group_size: int = 65_536,
         retry: RetryPolicy = DEFAULT_RETRY,
     ):
+        require_driver("deltalake", "delta", self.store)
         from deltalake import WriterProperties
 
         if "://" in str(base_dir) or "%" in str(base_dir):

@@ -58,7 +58,7 @@ from ..errors import AmpDagsterError, SchemaMismatchError, ServiceUnavailableErr
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
 from . import pyiceberg_fix
-from .base import ArrowData, Capabilities, Feed, Loader, TableRef, WriteResult, missing_table
+from .base import ArrowData, Capabilities, Feed, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, chunked, key_columns, last_per_key
 from .lakehouse import portable_schema, portable_type
 from .schema import canonical, cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
@@ -98,6 +98,7 @@ class IcebergLoader(Loader):
         in_flight: int = 2,
         retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
+        require_driver("pyiceberg", "iceberg", self.store)
         from sqlalchemy.engine import make_url
 
         pyiceberg_fix.install()

@@ -50,18 +50,18 @@ from itertools import islice, repeat
 from operator import itemgetter
 from typing import Any
 
-import lmdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import AmpDagsterError, SchemaMismatchError, TerminalError, TransientError
 from ..ranges import RowRange
-from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, key_columns, last_per_key
 from .rowcodec import RowCodec, check_key_type, from_values, iter_values, ordered_keys, strictly_increasing
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
+lmdb = require_driver("lmdb", "lmdb", "LMDB")  # at import: LmdbLoader names lmdb errors in its signatures
 CATALOG = b"amp_dagster:tables"
 _SCAN = 4096  # keys taken per cursor step of a range delete
 

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from ..errors import AmpDagsterError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, key_columns
 from .encoding import json_arrays, json_strings
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
@@ -110,6 +110,8 @@ class PostgresLoader(Loader):
         retry: RetryPolicy = DEFAULT_RETRY,
         **params: str,
     ) -> None:
+        for module in ("psycopg", "pgpq", "adbc_driver_postgresql"):
+            require_driver(module, "postgres", self.store)
         import psycopg.conninfo
 
         if uint64 not in ("numeric", "bigint"):

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 from ..errors import AmpDagsterError, ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
-from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table
+from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, key_columns
 from .encoding import hex_strings, is_binary_like, json_arrays, json_strings
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
@@ -225,6 +225,7 @@ class RedisLoader(Loader):
         lock_wait: float = 60.0,
         retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
+        require_driver("redis", "redis", self.store)
         import redis
         from redis.connection import parse_url
 
