@@ -289,6 +289,70 @@ def test_new_nullable_column_is_added_or_named(store: Harness):
         loader.ensure_table(table, required.schema)
 
 
+# Stores whose fix of issue 9 is in progress: a strict xfail turns into a failure once the store passes, so the
+# mark is removed with the fix.
+PENDING = {
+    "test_range_predicates_are_exact_at_the_edges_of_uint64": {"delta"},
+    "test_a_range_beyond_the_column_type_is_refused_before_any_change": {
+        "clickhouse",
+        "delta",
+        "iceberg",
+        "lmdb",
+        "postgres",
+        "redis",
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _pending(request):
+    store = getattr(request.node, "callspec", None) and request.node.callspec.params.get("store")
+    if store in PENDING.get(request.node.originalname, ()):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"issue 9: {store} fix in progress"))
+
+
+EDGES = [0, 1, 2**63 - 2, 2**63 - 1, 2**63, 2**63 + 1, 2**64 - 2, 2**64 - 1]
+
+
+def test_range_predicates_are_exact_at_the_edges_of_uint64(store: Harness):
+    loader, table = store.loader(), store.table("edges")
+    rows = pa.table({"_block_num": pa.array(EDGES, pa.uint64()), "v": pa.array(range(len(EDGES)), pa.int64())})
+    loader.ensure_table(table, rows.schema)
+    try:
+        loader.write(table, rows)
+    except TerminalError as exc:  # a store that cannot hold such range values must say so, naming the column
+        assert "_block_num" in str(exc)
+        return
+    for rng in (
+        RowRange(0, 0),
+        RowRange(2**63 - 1, 2**63),
+        RowRange(2**63),
+        RowRange(2**64 - 1),
+        RowRange(1, 2**63 - 2),
+    ):
+        got = sorted(loader.read(table, rng).read_all()["_block_num"].to_pylist())
+        assert got == [b for b in EDGES if rng.contains(b)], f"read {rng}"
+    assert loader.delete(table, RowRange(2**63 - 1, 2**63)) in (2, -1)
+    assert loader.delete(table, RowRange(2**64 - 1)) in (1, -1)
+    got = sorted(_rows(store, loader, table)["_block_num"].to_pylist())
+    assert got == [0, 1, 2**63 - 2, 2**63 + 1, 2**64 - 2]
+    loader.write(table, rows.slice(3, 2), replace=RowRange(2**63 - 1, 2**63))
+    got = sorted(_rows(store, loader, table)["_block_num"].to_pylist())
+    assert got == [0, 1, 2**63 - 2, 2**63 - 1, 2**63, 2**63 + 1, 2**64 - 2]
+
+
+def test_a_range_beyond_the_column_type_is_refused_before_any_change(store: Harness):
+    loader, table = store.loader(), store.table("small")
+    rows = pa.table({"_block_num": pa.array([1, 2, 3], pa.uint32()), "v": pa.array([1, 2, 3], pa.int64())})
+    loader.ensure_table(table, rows.schema)
+    loader.write(table, rows)
+    with pytest.raises(TerminalError, match=r"'_block_num' \(uint32\).*4294967296"):
+        loader.delete(table, RowRange(2**32))
+    with pytest.raises(TerminalError, match=r"'_block_num' \(uint32\)"):
+        loader.write(table, rows.slice(0, 0), replace=RowRange(0, 2**40))
+    assert sorted(_rows(store, loader, table)["_block_num"].to_pylist()) == [1, 2, 3]
+
+
 def test_duplicate_column_names_are_refused_by_name(store: Harness):
     loader, table = store.loader(), store.table("logs")
     logs = data.logs(0, 2)

@@ -66,6 +66,8 @@ def checked_batches(
     """
     schema, batches = record_batches(data)
     require_columns(schema, table, store)
+    if rows is not None:
+        rows.check(table.range_column, schema.field(table.range_column).type, f"{store} table {table}")
     return schema, check_in_range(batches, table, rows, store)
 
 
