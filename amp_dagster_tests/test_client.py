@@ -209,7 +209,7 @@ def test_resume_from_a_stale_watermark_rewinds_to_the_fork(devserver):
     first = follow(client.stream(STREAM_LOGS), Mirror(), until_block=29)
     server.reorg(25)  # head 49: blocks 25..49 replaced, so the stored block 29 is orphaned
     resumed = follow(client.stream(STREAM_LOGS, resume=first.watermark), Mirror(first.table()), 49)
-    assert resumed.events[0] == Reorg("mainnet", 25, 34)
+    assert resumed.events[0] == Reorg("mainnet", 25, 34, "0x" + server.chain.view().block_hash(24).hex())
     assert_mirrors(resumed, server, 0, 49)
 
 
@@ -217,7 +217,7 @@ def test_resume_from_an_unknown_hash_restarts_at_that_block(devserver):
     server = devserver(blocks=40, microbatch_blocks=10)
     stranger = Watermark.at("mainnet", 20, "0x" + "ee" * 32)
     mirror = follow(AmpClient(server.url).stream(STREAM_LOGS, resume=stranger), Mirror(), until_block=39)
-    assert mirror.events[0] == Reorg("mainnet", 20, 29)
+    assert mirror.events[0] == Reorg("mainnet", 20, 29, "0x" + server.chain.view().block_hash(19).hex())
     assert mirror.of(Data)[0].ranges[0].start == 20
 
 

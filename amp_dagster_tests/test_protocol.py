@@ -153,13 +153,13 @@ def test_range_starting_inside_the_previous_is_a_reorg():
     t.observe([r(0, 3)])
     t.observe([r(4, 9)])
     # restart at 7 with a new parent: blocks 7..=9 (and the new range's end) are invalid
-    assert t.observe([BlockRange("mainnet", 7, 12, h(5012), h(5006))]) == [Reorg("mainnet", 7, 12)]
+    assert t.observe([BlockRange("mainnet", 7, 12, h(5012), h(5006))]) == [Reorg("mainnet", 7, 12, h(5006))]
 
 
 def test_reorg_deeper_than_the_new_range_reports_the_old_end():
     t = RangeTracker()
     t.observe([r(0, 20)])
-    assert t.observe([BlockRange("mainnet", 10, 15, h(7015), h(7009))]) == [Reorg("mainnet", 10, 20)]
+    assert t.observe([BlockRange("mainnet", 10, 15, h(7015), h(7009))]) == [Reorg("mainnet", 10, 20, h(7009))]
 
 
 def test_restart_with_the_same_parent_is_a_protocol_error():
@@ -196,7 +196,7 @@ def test_networks_are_tracked_independently():
     t = RangeTracker()
     t.observe([r(0, 9), r(0, 4, net="base")])
     reorgs = t.observe([r(10, 19), BlockRange("base", 3, 8, h(9008), h(9002))])
-    assert reorgs == [Reorg("base", 3, 8)]
+    assert reorgs == [Reorg("base", 3, 8, h(9002))]
 
 
 def test_seeded_watermark_detects_a_reorg_that_happened_while_away():
@@ -205,10 +205,10 @@ def test_seeded_watermark_detects_a_reorg_that_happened_while_away():
     assert t.observe([r(30, 39)]) == []  # canonical: continues at the next block
     t2 = RangeTracker(seed)
     # the server walked back to block 25 because 29's hash is no longer canonical
-    assert t2.observe([BlockRange("mainnet", 25, 39, h(8039), h(24))]) == [Reorg("mainnet", 25, 39)]
+    assert t2.observe([BlockRange("mainnet", 25, 39, h(8039), h(24))]) == [Reorg("mainnet", 25, 39, h(24))]
     t3 = RangeTracker(seed)
     # a hash unknown to the server entirely: it restarts at the cursor block itself
-    assert t3.observe([BlockRange("mainnet", 29, 35, h(8035), h(28))]) == [Reorg("mainnet", 29, 35)]
+    assert t3.observe([BlockRange("mainnet", 29, 35, h(8035), h(28))]) == [Reorg("mainnet", 29, 35, h(28))]
 
 
 def test_reset_forgets_the_partial_microbatch():

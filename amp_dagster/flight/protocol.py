@@ -235,10 +235,12 @@ class Rollback:
 class Reorg(Rollback):
     """The chain forked: blocks ``first_block..=last_block`` (and any after) were replaced (§4).
 
-    The data that follows is the new canonical chain from ``first_block`` on.
+    The data that follows is the new canonical chain from ``first_block`` on. ``parent_hash`` is the hash of
+    block ``first_block - 1`` on that chain (the new range's ``prev_hash``): the position to fall back to.
     """
 
     last_block: int
+    parent_hash: str = ""
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ class RangeTracker:
     >>> t.observe([BlockRange("m", 1, 2, h(12), h(10))])
     []
     >>> t.observe([BlockRange("m", 2, 3, h(99), h(11))])  # starts inside the last range: a reorg
-    [Reorg(network='m', first_block=2, last_block=3)]
+    [Reorg(network='m', first_block=2, last_block=3, parent_hash='0x...0b')]
     """
 
     def __init__(self, seed: Watermark | None = None) -> None:
@@ -320,7 +322,7 @@ def _compare(previous: BlockRange, incoming: BlockRange) -> Reorg | None:
                 f"range {incoming.start}..={incoming.end} of {incoming.network} restarts at or before block "
                 f"{previous.end} without a new parent hash: neither progress nor a reorg"
             )
-        return Reorg(incoming.network, incoming.start, max(incoming.end, previous.end))
+        return Reorg(incoming.network, incoming.start, max(incoming.end, previous.end), incoming.prev_hash)
     raise ProtocolError(
         f"gap in {incoming.network}: blocks {previous.end + 1}..={incoming.start - 1} were skipped "
         f"(previous range ended at {previous.end}, the next starts at {incoming.start})"
