@@ -20,6 +20,7 @@ HARNESSES = {
     "delta": "amp_dagster_tests.stores.delta:DeltaHarness",
     "iceberg": "amp_dagster_tests.stores.iceberg:IcebergHarness",
     "lmdb": "amp_dagster_tests.stores.lmdb:LmdbHarness",
+    "memory": "amp_dagster_tests.stores.memory:MemoryHarness",  # the engine tests' double, same contract
 }
 
 
