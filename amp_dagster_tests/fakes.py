@@ -195,6 +195,7 @@ class ScriptedSource:
     """
 
     range_column = BLOCK_NUM
+    stream = True
 
     def __init__(self, *steps: tuple, per_block: int = 2) -> None:
         self.steps, self.per_block = list(steps), per_block
@@ -273,3 +274,20 @@ class PagedSource:
             batch = pa.RecordBatch.from_pydict({"id": ids, "v": [f"v{i}" for i in ids]}, schema=self.schema())
             yield Data(batch, cursor=Cursor(ids[-1]))
             yield Checkpoint(Cursor(ids[-1]))
+
+
+class ReplayingSource(ScriptedSource):
+    """A stream that always starts after the resumed watermark, as amp does: microbatches of ``size`` blocks up
+    to ``end``, then it ends (or waits, with ``wait=True``)."""
+
+    def __init__(self, end: int, size: int = 10, per_block: int = 2, wait: bool = False) -> None:
+        super().__init__(per_block=per_block)
+        self.end, self.size, self.wait = end, size, wait
+
+    def read(self, resume: Position | None = None, *, rows: RowRange | None = None) -> Iterator[Event]:
+        self.reads.append(resume)
+        start = 0 if resume is None else resume.blocks[NETWORK].number + 1
+        self.steps = [("batch", b, min(b + self.size - 1, self.end)) for b in range(start, self.end + 1, self.size)]
+        if self.wait:
+            self.steps.append(("wait",))
+        return _Play(self)
