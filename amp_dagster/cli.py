@@ -4,6 +4,9 @@ amp-dagster devserver [--blocks N --block-time S ...]     serve a local amp (Fli
 amp-dagster devserver status | reorg --depth N | advance --blocks N | fault KIND [...]
 amp-dagster query SQL [--show N]                          batches, a preview, and the synced ranges
 amp-dagster stream SQL [--resume WATERMARK] [--until-block N | --seconds S]
+amp-dagster sync FILE [PIPELINE] [--until-block N | --seconds S] [--json]   run a pipeline, no daemon needed
+amp-dagster pipelines FILE                                 the pipelines a file defines
+amp-dagster checkpoints list | show NAME | reset NAME      checkpoints in Dagster's run storage (DAGSTER_HOME)
 """
 
 from __future__ import annotations
@@ -72,6 +75,28 @@ def _parser() -> argparse.ArgumentParser:
     fault.add_argument("--delay", type=float, default=0.0, help="slow: seconds before each batch")
     fault.add_argument("--times", type=int, default=1, help="how many calls the fault hits")
     fault.set_defaults(run=_fault)
+
+    sync = commands.add_parser("sync", help="sync a pipeline of a YAML file (checkpoints in DAGSTER_HOME)")
+    sync.add_argument("file", help="a pipeline file (pipelines: [...]) or a Dagster component defs.yaml")
+    sync.add_argument("pipeline", nargs="?", help="the pipeline to run (default: every pipeline of the file)")
+    limit = sync.add_mutually_exclusive_group()
+    limit.add_argument("--until-block", type=int, help="stop at the checkpoint that reaches this block")
+    limit.add_argument("--seconds", type=float, help="stop cleanly after this many seconds")
+    sync.add_argument("--mode", choices=["full_refresh", "incremental", "stream"], help="override the mode")
+    sync.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
+    sync.add_argument("--dagster-home", help="the Dagster instance directory (default: $DAGSTER_HOME)")
+    sync.set_defaults(run=_sync)
+    listing = commands.add_parser("pipelines", help="list the pipelines of a YAML file")
+    listing.add_argument("file")
+    listing.set_defaults(run=_pipelines)
+    checkpoints = commands.add_parser("checkpoints", help="read or reset checkpoints in Dagster's run storage")
+    checkpoints.add_argument("--dagster-home", help="the Dagster instance directory (default: $DAGSTER_HOME)")
+    verbs = checkpoints.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", help="every pipeline's checkpoint").set_defaults(run=_checkpoints_list)
+    for verb, help_ in (("show", "one pipeline's checkpoint, as JSON"), ("reset", "forget one pipeline's checkpoint")):
+        sub = verbs.add_parser(verb, help=help_)
+        sub.add_argument("name", help="the pipeline's checkpoint id (its name unless it sets id:)")
+        sub.set_defaults(run=_checkpoints_show if verb == "show" else _checkpoints_reset)
 
     for name, help_ in (("query", "run a batch query"), ("stream", "run a streaming query")):
         sub = commands.add_parser(name, help=help_)
@@ -194,6 +219,93 @@ def _stream(args) -> int:
             stream.close()
     if stream.watermark:
         print(f"resume with: --resume '{stream.watermark.to_json()}'")
+    return 0
+
+
+# -- sync, pipelines, checkpoints ------------------------------------------------------------------------------
+
+
+def _store(args):
+    from .checkpoints import DagsterCheckpoints
+
+    if getattr(args, "dagster_home", None):
+        os.environ["DAGSTER_HOME"] = os.path.abspath(args.dagster_home)
+    return DagsterCheckpoints.from_environment()
+
+
+def _sync(args) -> int:
+    from .console import SyncDisplay
+    from .errors import ConfigError
+    from .pipelines import load_pipelines
+
+    spec = load_pipelines(args.file)
+    chosen = [spec.get(args.pipeline)] if args.pipeline else spec.pipelines
+    mode_of = lambda p: args.mode or p.mode  # noqa: E731
+    if len(chosen) > 1 and any(mode_of(p) == "stream" for p in chosen):
+        raise ConfigError("a stream runs until stopped: name the one pipeline to run (amp-dagster sync FILE NAME)")
+    store = _store(args)
+    stop = threading.Event()
+
+    def request_stop(signum, _frame) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop now, without the final flush
+            raise KeyboardInterrupt
+        print("stopping after the current flush...", file=sys.stderr, flush=True)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    results = []
+    for pipeline in chosen:
+        if stop.is_set():
+            break
+        with SyncDisplay(pipeline.name, live=not args.json and sys.stderr.isatty()) as display:
+            result = pipeline.run(store, mode=args.mode, until_block=args.until_block, seconds=args.seconds,
+                                  progress=display.update, stop=stop)  # fmt: skip
+            display.done(result)
+        results.append(result.to_json())
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    return 0
+
+
+def _pipelines(args) -> int:
+    from .pipelines import load_pipelines
+
+    for p in load_pipelines(args.file).pipelines:
+        source = getattr(p.source, "sql", None) or getattr(p.source, "factory", "")
+        where = f"{p.destination.kind} {p.namespace + '.' if p.namespace else ''}{p.table}"
+        print(f"{p.name:<24} {p.mode:<13} {where:<32} {' '.join(source.split())[:80]}")
+    return 0
+
+
+def _checkpoints_list(args) -> int:
+    states = _store(args).pipelines()
+    if not states:
+        print("no checkpoints yet")
+    for state in states.values():
+        print(state.describe())
+    return 0
+
+
+def _checkpoints_show(args) -> int:
+    from .errors import ConfigError
+    from .sync import load_state, range_records
+
+    store = _store(args)
+    state = load_state(store, args.name)
+    records = range_records(store, args.name)
+    if state is None and not records:
+        known = ", ".join(store.pipelines()) or "none"
+        raise ConfigError(f"no checkpoint for pipeline {args.name!r} in {os.environ['DAGSTER_HOME']} (known: {known})")
+    shown = json.loads(state.to_json()) if state else None
+    ranges = [[r.start, r.end] for record in records for r in record.ranges]
+    print(json.dumps({"checkpoint": shown, "explicit_ranges": ranges}, indent=2))
+    return 0
+
+
+def _checkpoints_reset(args) -> int:
+    removed = _store(args).reset(args.name)
+    print(f"reset {args.name}: {removed} key(s) removed; the next sync starts from the beginning")
     return 0
 
 
