@@ -227,6 +227,32 @@ def test_a_dot_in_a_range_or_key_column_is_refused(loader, range_column, key):
     assert not loader.catalog.table_exists((ref.namespace, ref.name))
 
 
+def test_a_range_beyond_the_range_column_type_is_refused_on_read_and_delete(loader):
+    ref = TableRef("small", namespace="eth")
+    rows = pa.table({"_block_num": pa.array([1, 2, 2**32 - 1], pa.uint32()), "v": pa.array([1, 2, 3], pa.int64())})
+    loader.ensure_table(ref, rows.schema)
+    loader.write(ref, rows)
+    snapshots = len(_table(loader, ref).snapshots())
+    for call in (lambda: loader.read(ref, RowRange(2**32)), lambda: loader.delete(ref, RowRange(5, 2**32))):
+        with pytest.raises(TerminalError, match=r"'_block_num' \(uint32\).*4294967296 lies outside 0..=4294967295"):
+            call()
+    assert len(_table(loader, ref).snapshots()) == snapshots
+    assert loader.read(ref, RowRange(2, 2**32 - 1)).read_all()["_block_num"].to_pylist() == [2, 2**32 - 1]
+    # a table another engine made (no Arrow schema kept with it): its Iceberg types bound the range
+    loader.catalog.create_table(
+        ("eth", "theirs"),
+        schema=pa.schema([("_block_num", pa.int64()), ("amount", pa.decimal128(20, 0)), ("note", pa.string())]),
+    )
+    theirs = TableRef("theirs", namespace="eth")
+    with pytest.raises(TerminalError, match=r"'_block_num' \(int64\).*9223372036854775808 lies outside"):
+        loader.delete(theirs, RowRange(2**63))
+    assert loader.delete(TableRef("theirs", namespace="eth", range_column="amount"), RowRange(2**64 - 1)) == 0
+    with pytest.raises(SchemaMismatchError, match=r"range column 'note' is string, not an integer type"):
+        loader.delete(TableRef("theirs", namespace="eth", range_column="note"), RowRange(0))
+    with pytest.raises(SchemaMismatchError, match=r"has no column 'nope' to select rows by range"):
+        loader.read(TableRef("theirs", namespace="eth", range_column="nope"), RowRange(0))
+
+
 def test_a_delete_that_lost_a_race_is_retried(tmp_path, monkeypatch):
     ref = TableRef("logs", namespace="eth")
     logs = data.logs(0, 99)

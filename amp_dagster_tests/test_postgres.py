@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from psycopg import sql
 
-from amp_dagster.errors import AuthenticationError, ConfigError, TerminalError, TransientError
+from amp_dagster.errors import AuthenticationError, ConfigError, SchemaMismatchError, TerminalError, TransientError
 from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.postgres import PostgresLoader
 from amp_dagster.ranges import RowRange
@@ -188,6 +188,32 @@ def test_deadlocks_and_dropped_links_are_transient():
     assert _is_transient(psycopg.OperationalError("connection lost"))
     assert not _is_transient(psycopg.errors.UndefinedTable()) and not _is_transient(TerminalError("x"))
     assert _is_transient(TransientError("x"))
+
+
+def test_a_range_beyond_the_range_column_type_is_refused_on_read_and_delete(schema):
+    table = TableRef("small", namespace=schema)
+    rows = pa.table({"_block_num": pa.array([1, 2, 2**32 - 1], pa.uint32()), "v": pa.array([1, 2, 3], pa.int64())})
+    with PostgresLoader(POSTGRES_DSN) as pg:
+        pg.ensure_table(table, rows.schema)
+        pg.write(table, rows)
+        for call in (lambda: pg.read(table, RowRange(2**32)), lambda: pg.delete(table, RowRange(5, 2**32))):
+            with pytest.raises(TerminalError, match=r"'_block_num' \(uint32\).*4294967296 lies outside 0..=4294967295"):
+                call()
+        assert pg.read(table, RowRange(2, 2**32 - 1)).read_all()["_block_num"].to_pylist() == [2, 2**32 - 1]
+        # a table amp_dagster did not create, with someone else's comment: its PostgreSQL types bound the range
+        _query(f'CREATE TABLE "{schema}".theirs (_block_num bigint, amount numeric, note text)')
+        _query(f"COMMENT ON TABLE \"{schema}\".theirs IS 'owned by someone else'")
+        _query(f"INSERT INTO \"{schema}\".theirs VALUES (1, 1, 'x')")
+        theirs = TableRef("theirs", namespace=schema)
+        with pytest.raises(TerminalError, match=r"'_block_num' \(int64\).*9223372036854775808 lies outside"):
+            pg.delete(theirs, RowRange(2**63))
+        assert pg.delete(TableRef("theirs", namespace=schema, range_column="amount"), RowRange(2**64 - 1)) == 0
+        with pytest.raises(SchemaMismatchError, match=r"range column 'note' is text, not an integer type"):
+            pg.delete(TableRef("theirs", namespace=schema, range_column="note"), RowRange(0))
+        with pytest.raises(SchemaMismatchError, match=r"has no column 'nope' to select rows by range"):
+            pg.read(TableRef("theirs", namespace=schema, range_column="nope"), RowRange(0))
+    assert _query(f'SELECT count(*) FROM "{schema}".theirs') == [(1,)]
+    assert _query(f'SELECT count(*) FROM "{schema}".small') == [(3,)]
 
 
 # -- names PostgreSQL would truncate ------------------------------------------------------------------------

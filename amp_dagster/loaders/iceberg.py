@@ -218,6 +218,7 @@ class IcebergLoader(Loader):
             tbl = self._load(table, missing_ok=True)
             if tbl is None:
                 return 0
+            _check_range(tbl, table, rows)
             with self._translating(table):
                 txn, total = tbl.transaction(), _total(tbl)
                 return total - _total(txn.commit_transaction()) if self._delete(txn, tbl, table, rows) else 0
@@ -284,6 +285,8 @@ class IcebergLoader(Loader):
         from pyiceberg.io.pyarrow import ArrowScan
 
         tbl = self._load(table)
+        if rows is not None:
+            _check_range(tbl, table, rows)
         native, stored = _arrow(tbl.schema()), _stored_schema(tbl) or pa.schema([])
         names = [n for n in stored.names if n in native.names] + [n for n in native.names if n not in stored.names]
         target = pa.schema([stored.field(n) if n in stored.names else native.field(n) for n in names])
@@ -455,6 +458,33 @@ def _reshape(txn: Any, ready: pa.Schema) -> None:
 
 def _stored_schema(tbl: Any) -> pa.Schema | None:
     return schema_from_text(tbl.properties.get(SCHEMA_PROPERTY))
+
+
+def _check_range(tbl: Any, table: TableRef, rows: RowRange) -> None:
+    """Refuse a range the table's range column cannot hold, before any file is planned or deleted.
+
+    The column's type is the Arrow type the table was created for or, in a table without it, the Iceberg type's
+    (a ``decimal(p, 0)`` holds uint64 bounds and compares with any of them exactly)."""
+    column = table.range_column
+    stored = _stored_schema(tbl)
+    if stored is not None and stored.get_field_index(column) >= 0:
+        arrow = stored.field(column).type
+    else:
+        native = _arrow(tbl.schema())
+        if native.get_field_index(column) < 0:
+            raise SchemaMismatchError(
+                f"Iceberg table {table} has no column {column!r} to select rows by range; it has "
+                f"{', '.join(native.names)}. Set TableRef(range_column=...) to one of them."
+            )
+        arrow = native.field(column).type
+        if pa.types.is_decimal(arrow) and arrow.scale == 0:
+            arrow = pa.uint64()
+        elif not pa.types.is_integer(arrow):
+            raise SchemaMismatchError(
+                f"Iceberg table {table}: range column {column!r} is {arrow}, not an integer type. Set "
+                "TableRef(range_column=...) to an integer column of the table."
+            )
+    rows.check(column, arrow, f"Iceberg table {table}")
 
 
 def _range_filter(table: TableRef, rows: RowRange) -> Any:
