@@ -247,7 +247,7 @@ def test_a_range_beyond_the_range_column_type_is_refused_on_read_and_delete(load
     with pytest.raises(TerminalError, match=r"'_block_num' \(int64\).*9223372036854775808 lies outside"):
         loader.delete(theirs, RowRange(2**63))
     assert loader.delete(TableRef("theirs", namespace="eth", range_column="amount"), RowRange(2**64 - 1)) == 0
-    with pytest.raises(SchemaMismatchError, match=r"range column 'note' is string, not an integer type"):
+    with pytest.raises(SchemaMismatchError, match=r"range column 'note' is large_string, not an integer type"):
         loader.delete(TableRef("theirs", namespace="eth", range_column="note"), RowRange(0))
     with pytest.raises(SchemaMismatchError, match=r"has no column 'nope' to select rows by range"):
         loader.read(TableRef("theirs", namespace="eth", range_column="nope"), RowRange(0))
