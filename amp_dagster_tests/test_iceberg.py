@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from amp_dagster.errors import SchemaMismatchError, TerminalError
+from amp_dagster.errors import AuthenticationError, ConfigError, SchemaMismatchError, TerminalError
 from amp_dagster.loaders import pyiceberg_fix
 from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.iceberg import IcebergLoader
@@ -384,6 +385,37 @@ def test_postgresql_catalog_end_to_end(tmp_path, pg_catalog):
         assert fresh.read(ref).read_all().sort_by(SORT_LOGS).equals(want)
         fresh.replace_table(ref, data.logs(0, 4))
         assert fresh.read(ref).read_all().sort_by(SORT_LOGS).equals(data.logs(0, 4).sort_by(SORT_LOGS))
+
+
+@pytest.mark.parametrize(
+    ("uri", "error", "says"),
+    [
+        (
+            "postgresql+psycopg://amp_no_such_role:s3cret-pw@127.0.0.1:5432/test",
+            AuthenticationError,
+            'role "amp_no_such_role" does not exist',
+        ),
+        ("postgresql+psycopg://127.0.0.1:5432/amp_no_such_db", ConfigError, 'database "amp_no_such_db" does not exist'),
+    ],
+)
+def test_a_postgresql_catalog_that_refuses_the_login_fails_at_once_naming_why(tmp_path, uri, error, says):
+    services.require_postgres()
+    ref, rows = TableRef("t", namespace="eth"), pa.table({"_block_num": pa.array([1], pa.uint64())})
+    took = []
+    # one retry would sleep 3 s: a call that ends within 2 s made one attempt
+    with IcebergLoader(tmp_path / "w", uri=uri, retry=RetryPolicy(attempts=2, initial_delay=3, jitter=False)) as ice:
+        for call in (
+            lambda: ice.ensure_table(ref, rows.schema),
+            lambda: ice.write(ref, rows),
+            lambda: ice.delete(ref, RowRange(0)),
+            lambda: ice.read(ref),
+        ):
+            started = time.monotonic()
+            with pytest.raises(error, match=says) as caught:
+                call()
+            took.append(time.monotonic() - started)
+            assert "s3cret-pw" not in str(caught.value)
+    assert max(took[1:]) < 2, f"a refused login is not retried (the first call also imports the catalog): {took}"
 
 
 def test_the_fix_is_installed_by_the_first_loader_not_by_the_import():

@@ -61,6 +61,7 @@ from . import pyiceberg_fix
 from .base import ArrowData, Capabilities, Feed, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, chunked, key_columns, last_per_key
 from .lakehouse import portable_schema, portable_type
+from .postgres import login_refusal
 from .schema import canonical, cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 SCHEMA_PROPERTY = "amp_dagster.arrow-schema"
@@ -155,6 +156,9 @@ class IcebergLoader(Loader):
         # pyiceberg retried the commit itself and found a conflict it cannot resolve (or the table got created)
         if isinstance(exc, CommitFailedException | ValidationException | TableAlreadyExistsError):
             return TransientError(f"{where}: another writer committed first ({self._scrub(exc)}). Run the write again.")
+        refused = isinstance(exc, SQLAlchemyError) and login_refusal(exc, f"Iceberg catalog at {self.where}")
+        if refused:  # a PostgreSQL catalog refused the login: which role or database, and no retry
+            return refused
         if isinstance(exc, SQLAlchemyError | ConnectionError | TimeoutError) and _is_transient(exc):
             return ServiceUnavailableError(
                 f"Iceberg catalog at {self.where} is unreachable after {self._retry.attempts} attempts: "
@@ -542,6 +546,8 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionError | TimeoutError | DisconnectionError | InterfaceError):
         return True
     if isinstance(exc, OperationalError):
+        if login_refusal(exc, "") is not None:
+            return False
         text = str(exc.orig or exc).lower()
         # connection failures and sqlite's "database is locked"; not "no such table" or syntax errors
         return any(s in text for s in ("connect", "refused", "timeout", "timed out", "locked", "terminat", "closed"))
