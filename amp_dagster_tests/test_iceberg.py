@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from amp_dagster.errors import SchemaMismatchError, TerminalError
+from amp_dagster.errors import AuthenticationError, ConfigError, SchemaMismatchError, TerminalError
 from amp_dagster.loaders import pyiceberg_fix
 from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.iceberg import IcebergLoader
@@ -227,6 +228,32 @@ def test_a_dot_in_a_range_or_key_column_is_refused(loader, range_column, key):
     assert not loader.catalog.table_exists((ref.namespace, ref.name))
 
 
+def test_a_range_beyond_the_range_column_type_is_refused_on_read_and_delete(loader):
+    ref = TableRef("small", namespace="eth")
+    rows = pa.table({"_block_num": pa.array([1, 2, 2**32 - 1], pa.uint32()), "v": pa.array([1, 2, 3], pa.int64())})
+    loader.ensure_table(ref, rows.schema)
+    loader.write(ref, rows)
+    snapshots = len(_table(loader, ref).snapshots())
+    for call in (lambda: loader.read(ref, RowRange(2**32)), lambda: loader.delete(ref, RowRange(5, 2**32))):
+        with pytest.raises(TerminalError, match=r"'_block_num' \(uint32\).*4294967296 lies outside 0..=4294967295"):
+            call()
+    assert len(_table(loader, ref).snapshots()) == snapshots
+    assert loader.read(ref, RowRange(2, 2**32 - 1)).read_all()["_block_num"].to_pylist() == [2, 2**32 - 1]
+    # a table another engine made (no Arrow schema kept with it): its Iceberg types bound the range
+    loader.catalog.create_table(
+        ("eth", "theirs"),
+        schema=pa.schema([("_block_num", pa.int64()), ("amount", pa.decimal128(20, 0)), ("note", pa.string())]),
+    )
+    theirs = TableRef("theirs", namespace="eth")
+    with pytest.raises(TerminalError, match=r"'_block_num' \(int64\).*9223372036854775808 lies outside"):
+        loader.delete(theirs, RowRange(2**63))
+    assert loader.delete(TableRef("theirs", namespace="eth", range_column="amount"), RowRange(2**64 - 1)) == 0
+    with pytest.raises(SchemaMismatchError, match=r"range column 'note' is large_string, not an integer type"):
+        loader.delete(TableRef("theirs", namespace="eth", range_column="note"), RowRange(0))
+    with pytest.raises(SchemaMismatchError, match=r"has no column 'nope' to select rows by range"):
+        loader.read(TableRef("theirs", namespace="eth", range_column="nope"), RowRange(0))
+
+
 def test_a_delete_that_lost_a_race_is_retried(tmp_path, monkeypatch):
     ref = TableRef("logs", namespace="eth")
     logs = data.logs(0, 99)
@@ -358,6 +385,37 @@ def test_postgresql_catalog_end_to_end(tmp_path, pg_catalog):
         assert fresh.read(ref).read_all().sort_by(SORT_LOGS).equals(want)
         fresh.replace_table(ref, data.logs(0, 4))
         assert fresh.read(ref).read_all().sort_by(SORT_LOGS).equals(data.logs(0, 4).sort_by(SORT_LOGS))
+
+
+@pytest.mark.parametrize(
+    ("uri", "error", "says"),
+    [
+        (
+            "postgresql+psycopg://amp_no_such_role:s3cret-pw@127.0.0.1:5432/test",
+            AuthenticationError,
+            'role "amp_no_such_role" does not exist',
+        ),
+        ("postgresql+psycopg://127.0.0.1:5432/amp_no_such_db", ConfigError, 'database "amp_no_such_db" does not exist'),
+    ],
+)
+def test_a_postgresql_catalog_that_refuses_the_login_fails_at_once_naming_why(tmp_path, uri, error, says):
+    services.require_postgres()
+    ref, rows = TableRef("t", namespace="eth"), pa.table({"_block_num": pa.array([1], pa.uint64())})
+    took = []
+    # one retry would sleep 3 s: a call that ends within 2 s made one attempt
+    with IcebergLoader(tmp_path / "w", uri=uri, retry=RetryPolicy(attempts=2, initial_delay=3, jitter=False)) as ice:
+        for call in (
+            lambda: ice.ensure_table(ref, rows.schema),
+            lambda: ice.write(ref, rows),
+            lambda: ice.delete(ref, RowRange(0)),
+            lambda: ice.read(ref),
+        ):
+            started = time.monotonic()
+            with pytest.raises(error, match=says) as caught:
+                call()
+            took.append(time.monotonic() - started)
+            assert "s3cret-pw" not in str(caught.value)
+    assert max(took[1:]) < 2, f"a refused login is not retried (the first call also imports the catalog): {took}"
 
 
 def test_the_fix_is_installed_by_the_first_loader_not_by_the_import():

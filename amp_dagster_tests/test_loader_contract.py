@@ -296,9 +296,6 @@ PENDING = {
     "test_a_range_beyond_the_column_type_is_refused_before_any_change": {
         "clickhouse",
         "delta",
-        "iceberg",
-        "lmdb",
-        "postgres",
         "redis",
     },
 }

@@ -61,6 +61,7 @@ from . import pyiceberg_fix
 from .base import ArrowData, Capabilities, Feed, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, chunked, key_columns, last_per_key
 from .lakehouse import portable_schema, portable_type
+from .postgres import login_refusal
 from .schema import canonical, cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 SCHEMA_PROPERTY = "amp_dagster.arrow-schema"
@@ -155,6 +156,9 @@ class IcebergLoader(Loader):
         # pyiceberg retried the commit itself and found a conflict it cannot resolve (or the table got created)
         if isinstance(exc, CommitFailedException | ValidationException | TableAlreadyExistsError):
             return TransientError(f"{where}: another writer committed first ({self._scrub(exc)}). Run the write again.")
+        refused = isinstance(exc, SQLAlchemyError) and login_refusal(exc, f"Iceberg catalog at {self.where}")
+        if refused:  # a PostgreSQL catalog refused the login: which role or database, and no retry
+            return refused
         if isinstance(exc, SQLAlchemyError | ConnectionError | TimeoutError) and _is_transient(exc):
             return ServiceUnavailableError(
                 f"Iceberg catalog at {self.where} is unreachable after {self._retry.attempts} attempts: "
@@ -218,6 +222,7 @@ class IcebergLoader(Loader):
             tbl = self._load(table, missing_ok=True)
             if tbl is None:
                 return 0
+            _check_range(tbl, table, rows)
             with self._translating(table):
                 txn, total = tbl.transaction(), _total(tbl)
                 return total - _total(txn.commit_transaction()) if self._delete(txn, tbl, table, rows) else 0
@@ -284,6 +289,8 @@ class IcebergLoader(Loader):
         from pyiceberg.io.pyarrow import ArrowScan
 
         tbl = self._load(table)
+        if rows is not None:
+            _check_range(tbl, table, rows)
         native, stored = _arrow(tbl.schema()), _stored_schema(tbl) or pa.schema([])
         names = [n for n in stored.names if n in native.names] + [n for n in native.names if n not in stored.names]
         target = pa.schema([stored.field(n) if n in stored.names else native.field(n) for n in names])
@@ -457,6 +464,33 @@ def _stored_schema(tbl: Any) -> pa.Schema | None:
     return schema_from_text(tbl.properties.get(SCHEMA_PROPERTY))
 
 
+def _check_range(tbl: Any, table: TableRef, rows: RowRange) -> None:
+    """Refuse a range the table's range column cannot hold, before any file is planned or deleted.
+
+    The column's type is the Arrow type the table was created for or, in a table without it, the Iceberg type's
+    (a ``decimal(p, 0)`` holds uint64 bounds and compares with any of them exactly)."""
+    column = table.range_column
+    stored = _stored_schema(tbl)
+    if stored is not None and stored.get_field_index(column) >= 0:
+        arrow = stored.field(column).type
+    else:
+        native = _arrow(tbl.schema())
+        if native.get_field_index(column) < 0:
+            raise SchemaMismatchError(
+                f"Iceberg table {table} has no column {column!r} to select rows by range; it has "
+                f"{', '.join(native.names)}. Set TableRef(range_column=...) to one of them."
+            )
+        arrow = native.field(column).type
+        if pa.types.is_decimal(arrow) and arrow.scale == 0:
+            arrow = pa.uint64()
+        elif not pa.types.is_integer(arrow):
+            raise SchemaMismatchError(
+                f"Iceberg table {table}: range column {column!r} is {arrow}, not an integer type. Set "
+                "TableRef(range_column=...) to an integer column of the table."
+            )
+    rows.check(column, arrow, f"Iceberg table {table}")
+
+
 def _range_filter(table: TableRef, rows: RowRange) -> Any:
     from pyiceberg.expressions import And, GreaterThanOrEqual, LessThanOrEqual, Reference
 
@@ -512,6 +546,8 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionError | TimeoutError | DisconnectionError | InterfaceError):
         return True
     if isinstance(exc, OperationalError):
+        if login_refusal(exc, "") is not None:
+            return False
         text = str(exc.orig or exc).lower()
         # connection failures and sqlite's "database is locked"; not "no such table" or syntax errors
         return any(s in text for s in ("connect", "refused", "timeout", "timed out", "locked", "terminat", "closed"))

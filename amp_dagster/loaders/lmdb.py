@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import AmpDagsterError, SchemaMismatchError, TerminalError, TransientError
-from ..ranges import RowRange
+from ..ranges import RowRange, integer_bounds
 from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, key_columns, last_per_key
 from .rowcodec import RowCodec, check_key_type, from_values, iter_values, ordered_keys, strictly_increasing
@@ -106,12 +106,19 @@ class _Table:
         sequence = pa.array(np.arange(seq, seq + batch.num_rows, dtype=np.uint64))
         return ordered_keys([batch.column(self.range_column), sequence], [self.range_column, "sequence"])
 
-    def bound(self, value: int) -> bytes | None:
-        """The encoded range value, or None when it lies beyond the range column's type."""
-        try:
-            array = pa.array([value], self.schema.field(self.range_column).type)
-        except (OverflowError, pa.ArrowInvalid):
-            return None
+    def check(self, table: TableRef, rows: RowRange) -> None:
+        """Refuse a range the range column's type cannot hold, before any key is read or deleted."""
+        rows.check(self.range_column, self.schema.field(self.range_column).type, f"LMDB table {table}")
+
+    def bounds(self, rows: RowRange) -> tuple[bytes, bytes | None]:
+        """The encoded keys a checked range spans: its start, and the first value past its end (None when the
+        end is the type's largest value, or open)."""
+        t = self.schema.field(self.range_column).type
+        high = None if rows.end is None or rows.end == integer_bounds(t)[1] else self.encode(rows.end + 1)
+        return self.encode(rows.start), high
+
+    def encode(self, value: int) -> bytes:
+        array = pa.array([value], self.schema.field(self.range_column).type)
         return bytes(next(iter_values(ordered_keys([array], [self.range_column]))))
 
 
@@ -165,8 +172,10 @@ class LmdbLoader(Loader):
         tally = Tally()
         with self._writing(table) as txn:
             t = self._require(txn, table)
+            # the data's types are the table's (checked here), so its range check in checked_batches holds for both
+            conformed = self._conform(t, table, schema, batches)
             deleted = _delete_range(txn, t, replace) if replace is not None else 0
-            self._put_all(txn, t, table, tally.count(self._conform(t, table, schema, batches)), upsert=False)
+            self._put_all(txn, t, table, tally.count(conformed), upsert=False)
         return tally.result(deleted=deleted)
 
     def delete(self, table: TableRef, rows: RowRange) -> int:
@@ -175,6 +184,7 @@ class LmdbLoader(Loader):
             if t is None:
                 return 0
             self._check_layout(t, table)
+            t.check(table, rows)
             return _delete_range(txn, t, rows)
 
     def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
@@ -203,6 +213,8 @@ class LmdbLoader(Loader):
             txn = self._env().begin()  # one snapshot for the whole read, released when the batches are done
             try:
                 t = self._require(txn, table)
+                if rows is not None:
+                    t.check(table, rows)
             except BaseException:
                 txn.abort()
                 raise
@@ -426,10 +438,7 @@ class LmdbLoader(Loader):
 
 
 def _delete_range(txn, t: _Table, rows: RowRange) -> int:
-    low = t.bound(rows.start)
-    high = None if rows.end is None else t.bound(rows.end + 1)
-    if low is None:
-        return 0
+    low, high = t.bounds(rows)
     scanned = t.index if t.indexed else t.rows
     cursor, deleted = txn.cursor(scanned), 0
     drop_scanned, drop_row = partial(txn.delete, db=scanned), partial(txn.delete, db=t.rows)
@@ -454,10 +463,9 @@ def _stored_values(txn, t: _Table, rows: RowRange | None, size: int) -> Iterator
             while chunk := list(islice(values, size)):
                 yield chunk
         return
-    low = t.bound(rows.start)
-    high = None if rows.end is None else t.bound(rows.end + 1)
+    low, high = t.bounds(rows)
     scan = txn.cursor(t.index) if t.indexed else cursor
-    if low is None or not scan.set_range(low):
+    if not scan.set_range(low):
         return
     items = scan.iternext(values=False) if t.indexed else scan.iternext()
     while chunk := list(islice(items, size)):

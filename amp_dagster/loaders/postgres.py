@@ -13,6 +13,10 @@ Type map (Arrow → PostgreSQL):
 - lists of scalars → PostgreSQL arrays (``bytea[]``...); structs, maps and lists of nested values → ``jsonb``
   with bytes as ``0x`` hex strings.
 
+PostgreSQL keeps only the first 63 bytes of a name, so a longer schema, table or column name would silently be
+another's (two tables whose names differ after byte 63 are one table). Such names are refused, naming the name,
+its length and the limit, before any SQL runs.
+
 The table's Arrow schema is kept in the table comment: data is checked against it Arrow type by Arrow type, and
 :meth:`PostgresLoader.read` gives the original types back (``jsonb`` columns parsed back into their nested types).
 A full refresh swaps in a new table: grants, triggers and publications on the old one do not carry over.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +38,16 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import AmpDagsterError, ServiceUnavailableError, TerminalError, TransientError, scrub
+from ..errors import (
+    AmpDagsterError,
+    AuthenticationError,
+    ConfigError,
+    SchemaMismatchError,
+    ServiceUnavailableError,
+    TerminalError,
+    TransientError,
+    scrub,
+)
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
 from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table, require_driver
@@ -42,6 +56,7 @@ from .encoding import json_arrays, json_strings
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 COMMENT_TAG = "amp_dagster"
+NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: the bytes of a name it keeps
 
 
 @dataclass(frozen=True)
@@ -130,9 +145,18 @@ class PostgresLoader(Loader):
     def _connect(self):
         import psycopg
 
+        def attempt():
+            try:
+                return psycopg.connect(self._conninfo, autocommit=False)
+            except psycopg.OperationalError as exc:
+                refused = login_refusal(exc, f"PostgreSQL at {self.where}")
+                if refused is not None:  # terminal: trying the same login again fails the same way
+                    raise refused from None
+                raise
+
         try:
             return retry_call(
-                lambda: psycopg.connect(self._conninfo, autocommit=False),
+                attempt,
                 self._retry,
                 _is_transient,
                 f"connecting to PostgreSQL at {self.where}",
@@ -200,6 +224,7 @@ class PostgresLoader(Loader):
 
     def ensure_table(self, table: TableRef, schema: pa.Schema) -> None:
         require_columns(schema, table, self.store)
+        _check_names(table, schema.names)
         cols = self._plan(schema, table)
 
         def run() -> None:
@@ -226,6 +251,7 @@ class PostgresLoader(Loader):
 
     def write(self, table: TableRef, data: ArrowData, *, replace: RowRange | None = None) -> WriteResult:
         schema, batches = checked_batches(data, table, self.store, replace)
+        _check_names(table, schema.names)
         tally = Tally()
         with self._cursor(table) as cur:
             cols = self._checked_plan(cur, table, schema)
@@ -235,14 +261,21 @@ class PostgresLoader(Loader):
         return tally.result()
 
     def delete(self, table: TableRef, rows: RowRange) -> int:
+        _check_names(table)
+
         def run() -> int:
             with self._cursor(table) as cur:
-                return _delete(cur, table, rows) if _columns(cur, table) else 0
+                existing = _columns(cur, table)
+                if not existing:
+                    return 0
+                self._check_range(table, rows, existing, _stored_schema(cur, table))
+                return _delete(cur, table, rows)
 
         return self._retrying(run, f"delete {rows} from {table}")
 
     def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
         schema, batches = checked_batches(data, table, self.store)
+        _check_names(table, schema.names)
         cols = self._plan(schema, table)
         # a unique stage name: never an existing table, never a collision between two refreshes
         stage = TableRef(f"{_short(table.name)}__amp_stage_{uuid.uuid4().hex[:8]}", table.namespace)
@@ -265,6 +298,7 @@ class PostgresLoader(Loader):
 
         key = key_columns(table, self.store)
         schema, batches = checked_batches(data, table, self.store)
+        _check_names(table, schema.names)
         tally = Tally()
         with self._cursor(table) as cur:
             cols = self._checked_plan(cur, table, schema)
@@ -287,10 +321,14 @@ class PostgresLoader(Loader):
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
         import adbc_driver_postgresql.dbapi as adbc
 
+        _check_names(table)
         with self._cursor() as cur:
-            if not _columns(cur, table):
+            existing = _columns(cur, table)
+            if not existing:
                 raise missing_table(self.store, self.where, table)
             stored = _stored_schema(cur, table)
+            if rows is not None:
+                self._check_range(table, rows, existing, stored)
             text = (_sql("SELECT * FROM {}", _ident(table)) + _range_sql(table, rows)).as_string(cur.connection)
         try:
             conn = adbc.connect(self._conninfo)  # the same conninfo: sockets, TLS settings and all
@@ -312,6 +350,29 @@ class PostgresLoader(Loader):
         return pa.RecordBatchReader.from_batches(target, batches())
 
     # -- internals -----------------------------------------------------------------------------------------
+
+    def _check_range(self, table: TableRef, rows: RowRange, existing: dict[str, str], stored: pa.Schema | None) -> None:
+        """Refuse a range the table's range column cannot hold, before any row is selected.
+
+        The column's type is the Arrow type the table was created for (a ``uint64`` kept as ``bigint`` takes every
+        uint64 bound: PostgreSQL compares a bigint with a larger literal exactly, as numeric), or else what its
+        PostgreSQL type holds."""
+        column = table.range_column
+        if stored is not None and stored.get_field_index(column) >= 0:
+            arrow = stored.field(column).type
+        elif column in existing:
+            arrow = _PG_INTEGERS.get(existing[column].split("(")[0])
+            if arrow is None:
+                raise SchemaMismatchError(
+                    f"PostgreSQL table {table}: range column {column!r} is {existing[column]}, not an integer "
+                    "type. Set TableRef(range_column=...) to an integer column of the table."
+                )
+        else:
+            raise SchemaMismatchError(
+                f"PostgreSQL table {table} has no column {column!r} to select rows by range; it has "
+                f"{', '.join(existing)}. Set TableRef(range_column=...) to one of them."
+            )
+        rows.check(column, arrow, f"{self.store} table {table}")
 
     def _checked_plan(self, cur, table: TableRef, schema: pa.Schema) -> list[_Column]:
         """The COPY plan for ``schema``, after checking it against the table (Arrow types if it keeps them)."""
@@ -432,6 +493,26 @@ def _sql(template: str, *parts):
     from psycopg import sql
 
     return sql.SQL(template).format(*parts)
+
+
+def _check_names(table: TableRef, columns: Iterable[str] = ()) -> None:
+    """Refuse every name PostgreSQL would truncate: the schema, the table, and the columns named by the data and by
+    the TableRef. A truncated name silently is another table's or column's."""
+    names = [("schema", table.namespace or "public"), ("table", table.name)]
+    names += [("column", c) for c in dict.fromkeys([table.range_column, *table.key, *columns])]
+    for kind, name in names:
+        size = len(name.encode())
+        if size > NAME_BYTES:
+            fix = (
+                "Rename the column in the query (SELECT ... AS a_shorter_name)"
+                if kind == "column"
+                else f"Choose a {kind} name"
+            )
+            raise TerminalError(
+                f"PostgreSQL table {table}: the {kind} name {name!r} is {size} bytes long; PostgreSQL keeps only the "
+                f"first {NAME_BYTES} bytes of a name, so it would silently be another {kind}'s name. {fix} of at "
+                f"most {NAME_BYTES} bytes (UTF-8)."
+            )
 
 
 def _short(name: str, limit: int = 30) -> str:
@@ -572,6 +653,68 @@ def _list_items(convert: Callable[[pa.Array], pa.Array]) -> Callable[[pa.Array],
         return pa.ListArray.from_arrays(pc.subtract(array.offsets, first), values, mask=mask)
 
     return apply
+
+
+_PG_INTEGERS = {"smallint": pa.int16(), "integer": pa.int32(), "bigint": pa.int64(), "numeric": pa.uint64()}
+"""The Arrow integer type whose bounds a range column of a table amp_dagster did not create is checked against
+(numeric compares exactly with any uint64 bound)."""
+
+# A refused login reaches libpq as text without its SQLSTATE, so the server's words tell which it was: 28P01 (the
+# password), 28000 (no such role, NOLOGIN, pg_hba.conf, another method), 3D000 (no such database), 42501.
+_LOGIN_REFUSALS: tuple[tuple[re.Pattern[str], type[TerminalError], str], ...] = (
+    (
+        re.compile(r'password authentication failed for user "([^"]*)"'),
+        AuthenticationError,
+        'the password of role "{0}" was rejected. Check the password (the password setting, PGPASSWORD or ~/.pgpass)',
+    ),
+    (
+        re.compile(r'role "([^"]*)" does not exist'),
+        AuthenticationError,
+        'role "{0}" does not exist. Check the user name (user=..., or user@ in the URL), or create the role',
+    ),
+    (
+        re.compile(r'role "([^"]*)" is not permitted to log in'),
+        AuthenticationError,
+        'role "{0}" may not log in (it is NOLOGIN). Log in as another role, or ALTER ROLE "{0}" LOGIN',
+    ),
+    (
+        re.compile(r"((?:no pg_hba\.conf entry|pg_hba\.conf rejects connection) for [^\n]*)"),
+        AuthenticationError,
+        "the server's pg_hba.conf admits no such login ({0}). Ask its administrator for an entry",
+    ),
+    (
+        re.compile(r'(\w+) authentication failed for user "([^"]*)"'),
+        AuthenticationError,
+        '{0} authentication of role "{1}" failed. Check the user name and the credentials',
+    ),
+    (
+        re.compile(r"fe_sendauth: no password supplied"),
+        AuthenticationError,
+        "the server asks for a password and none was given. Set it in the password setting, PGPASSWORD or ~/.pgpass",
+    ),
+    (
+        re.compile(r'database "([^"]*)" does not exist'),
+        ConfigError,
+        'database "{0}" does not exist. Check the database name (dbname=..., or the path of the URL), or create it',
+    ),
+    (
+        re.compile(r'permission denied for database "([^"]*)"'),
+        AuthenticationError,
+        'the role may not connect to database "{0}". GRANT CONNECT ON DATABASE "{0}" to it',
+    ),
+)
+
+
+def login_refusal(exc: BaseException, where: str) -> TerminalError | None:
+    """The terminal error for a login the server refused (which role, password, rule or database), or None when the
+    connection failed otherwise (a server that is down or full is worth trying again). Never holds a password:
+    only the role and database names the server gave are repeated."""
+    text = str(exc)
+    for pattern, error, message in _LOGIN_REFUSALS:
+        found = pattern.search(text)
+        if found:
+            return error(f"{where}: {message.format(*found.groups())}.")
+    return None
 
 
 def _is_transient(exc: BaseException) -> bool:
