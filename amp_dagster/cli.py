@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     limit.add_argument("--seconds", type=float, help="stop cleanly after this many seconds")
     sync.add_argument("--mode", choices=["full_refresh", "incremental", "stream"], help="override the mode")
     sync.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
+    sync.add_argument("--wait", type=float, default=30.0,
+                      help="seconds to wait for another sync of the same pipeline to finish (default 30)")  # fmt: skip
     sync.add_argument("--dagster-home", help="the Dagster instance directory (default: $DAGSTER_HOME)")
     sync.set_defaults(run=_sync)
     listing = commands.add_parser("pipelines", help="list the pipelines of a YAML file")
@@ -260,7 +262,7 @@ def _sync(args) -> int:
             break
         with SyncDisplay(pipeline.name, live=not args.json and sys.stderr.isatty()) as display:
             result = pipeline.run(store, mode=args.mode, until_block=args.until_block, seconds=args.seconds,
-                                  progress=display.update, stop=stop)  # fmt: skip
+                                  lock_wait=args.wait, progress=display.update, stop=stop)  # fmt: skip
             display.done(result)
         results.append(result.to_json())
     if args.json:
