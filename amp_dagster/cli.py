@@ -254,17 +254,20 @@ def _sync(args) -> int:
         print("stopping after the current flush...", file=sys.stderr, flush=True)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     results = []
-    for pipeline in chosen:
-        if stop.is_set():
-            break
-        with SyncDisplay(pipeline.name, live=not args.json and sys.stderr.isatty()) as display:
-            result = pipeline.run(store, mode=args.mode, until_block=args.until_block, seconds=args.seconds,
-                                  lock_wait=args.wait, progress=display.update, stop=stop)  # fmt: skip
-            display.done(result)
-        results.append(result.to_json())
+    try:
+        for pipeline in chosen:
+            if stop.is_set():
+                break
+            with SyncDisplay(pipeline.name, live=not args.json and sys.stderr.isatty()) as display:
+                result = pipeline.run(store, mode=args.mode, until_block=args.until_block, seconds=args.seconds,
+                                      lock_wait=args.wait, progress=display.update, stop=stop)  # fmt: skip
+                display.done(result)
+            results.append(result.to_json())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0

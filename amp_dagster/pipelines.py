@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from .errors import ConfigError
 from .ranges import BLOCK_NUM, RowRange
+from .retry import RetryPolicy
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 
@@ -285,6 +286,12 @@ class FlushConfig(_Model):
     seconds: float = Field(5.0, gt=0, description="Longest a completed microbatch waits while catching up.")
 
 
+class RetryConfig(_Model):
+    attempts: int = Field(10, ge=1, description="Tries of a sync after a transient failure, the first included.")
+    initial_delay: float = Field(0.5, ge=0, description="Seconds before the first retry (then doubling).")
+    max_delay: float = Field(10.0, ge=0, description="Longest pause between two tries, in seconds.")
+
+
 class Pipeline(_Model):
     """One source into one destination table, in one mode."""
 
@@ -303,6 +310,7 @@ class Pipeline(_Model):
     finality: int = Field(0, ge=0, description="incremental: blocks behind the head not loaded yet (may reorg).")
     blocks_per_query: int = Field(100_000, ge=1, description="incremental: blocks per query and per write.")
     flush: FlushConfig = FlushConfig()
+    retry: RetryConfig = RetryConfig()
     partitions: PartitionsConfig | None = None
     pool: str | None = Field(None, description="Dagster concurrency pool of the pipeline's runs.")
     group: str | None = Field(None, description="Dagster asset group.")
@@ -347,6 +355,7 @@ class Pipeline(_Model):
             "flush_rows": self.flush.rows,
             "flush_bytes": self.flush.bytes,
             "flush_seconds": self.flush.seconds,
+            "retry": RetryPolicy(self.retry.attempts, self.retry.initial_delay, self.retry.max_delay),
         }
         return SyncOptions(**{**settings, **overrides})
 
