@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -593,7 +594,8 @@ class _Run:
 
     def _checkpoint(self, key: str, state: SyncState) -> SyncState:
         pause = os.environ.get(_COMMIT_PAUSE)
-        if pause:
+        if pause:  # the kill tests wait for this line, then kill the process inside the pause
+            print(f"amp-dagster: committed, checkpoint {key} pending", file=sys.stderr, flush=True)
             time.sleep(float(pause))
         state = replace(state, run_id=self.run_id, time=datetime.now(UTC).isoformat(timespec="seconds"),
                         fingerprint=self.fingerprint, pipeline=self.pipeline)  # fmt: skip
