@@ -20,11 +20,9 @@ def _number(value: float | int | None, unit: str = "") -> str:
 def describe(progress: Progress) -> dict[str, str]:
     """The figures of a progress report, as text, in display order."""
     checkpoint = progress.checkpoint
-    lag = "-" if progress.lag_blocks is None else f"{progress.lag_blocks} blocks"
+    lag = [] if progress.lag_blocks is None else [f"{progress.lag_blocks} blocks"]
     if progress.lag_seconds is not None:
-        lag += (
-            f" ({progress.lag_seconds:.1f} s)" if progress.lag_blocks is not None else f"{progress.lag_seconds:.1f} s"
-        )
+        lag.append(f"{progress.lag_seconds:.1f} s")
     return {
         "rows": _number(progress.rows),
         "rows/s": _number(progress.rows_per_s),
