@@ -44,7 +44,7 @@ def postgres_database() -> Iterator[str]:
 
 def postgres_yaml(url: str) -> str:
     """dagster.yaml storage for a PostgreSQL-backed instance at ``url``."""
-    return f"storage:\n  postgres:\n    postgres_url: \"{url}\"\ntelemetry:\n  enabled: false\n"
+    return f'storage:\n  postgres:\n    postgres_url: "{url}"\ntelemetry:\n  enabled: false\n'
 
 
 @contextlib.contextmanager

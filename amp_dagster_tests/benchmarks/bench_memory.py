@@ -1,20 +1,26 @@
-"""P9: peak memory of streaming 5 times more rows into each loader (5M vs 1M by default): the goal is RSS <= 1.1x.
+"""P9: peak memory of streaming 5 times more rows (5M vs 1M by default) into each loader and through the sync engine.
 
 Each (loader, size) runs in a fresh process, ``rounds`` times (at least 3 for a figure), interleaved: the process
 generates amp logs chunk by chunk and hands the loader a lazy RecordBatchReader, so nothing but the loader can hold
 the rows. It reports, for the write alone:
 
-- peak RSS (the kernel's VmHWM): everything resident, which is what the goal is about;
+- peak RSS (the kernel's VmHWM): everything resident, which is what the goal (<= 1.1x) is about;
 - peak anonymous memory (RssAnon, sampled every 5 ms): heap and other private memory, what the loader holds;
 - peak file-backed memory (RssFile + RssShmem, sampled): resident pages of files the process maps (shared
   libraries, and LMDB's data file; RssShmem counts them instead when the file lies on tmpfs).
 
 The table gives the median of each over the processes, and the ratio of the medians at 5x to those at 1x. After the
 write the child reads the table back through the loader and checks the row count and the sum of ``log_index``.
+
+The ``engine`` row is the whole path in one process: a dev server (in its own process, as amp would be) streams the
+logs, and ``sync`` (stream mode, until the chain head) reads them with AmpClient and writes them through the
+PostgreSQL loader: the fewest whole blocks that hold ``rows`` rows, checked against the chain the server serves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -31,10 +37,11 @@ from amp_dagster.devserver.chain import Chain
 from amp_dagster.devserver.schemas import LOGS
 from amp_dagster.loaders.base import Loader, TableRef
 
-from ..services import POSTGRES_DSN, REDIS_URL
+from ..services import POSTGRES_DSN, REDIS_URL, closed_port
 from .harness import GOALS, load_average, rounds_note
 
-STORES = ("postgres", "redis", "clickhouse", "delta", "iceberg", "lmdb")
+STORES = ("postgres", "redis", "clickhouse", "delta", "iceberg", "lmdb", "engine")
+START_BLOCK, SEED = 15_000_000, 42
 FACTOR = 5
 REDIS_BENCH_DB = 15
 FIELDS = ("VmHWM", "RssAnon", "RssFile", "RssShmem")
@@ -83,7 +90,7 @@ def lazy_logs(rows: int, sums: list[int]) -> pa.RecordBatchReader:
     in ``sums`` as it goes."""
 
     def batches() -> Iterator[pa.RecordBatch]:
-        view = Chain(seed=42, start_block=15_000_000, blocks=rows // 20 + 1000).view()
+        view = Chain(seed=SEED, start_block=START_BLOCK, blocks=rows // 20 + 1000).view()
         left, block = rows, view.start_block
         while left > 0:
             part = view.tables(block, block + 499, ["logs"])["logs"].slice(0, left)
@@ -96,7 +103,7 @@ def lazy_logs(rows: int, sums: list[int]) -> pa.RecordBatchReader:
 
 
 def _loader(store: str, workdir: str, tag: str) -> Loader:
-    if store == "postgres":
+    if store in ("postgres", "engine"):
         from amp_dagster.loaders.postgres import PostgresLoader
 
         return PostgresLoader(POSTGRES_DSN)
@@ -125,33 +132,98 @@ def _redis_url() -> str:
     return REDIS_URL.rsplit("/", 1)[0] + f"/{REDIS_BENCH_DB}"
 
 
-def child(store: str, rows: int) -> None:
-    """Run in a fresh process: write ``rows`` rows, print the peaks in MB (RSS before, RSS, anon, file), check."""
+def child(store: str, rows: int, blocks: int) -> None:
+    """Run in a fresh process: write ``rows`` rows (the engine: ``blocks`` blocks), print the peaks in MB (RSS
+    before, RSS, anon, file), check."""
     workdir = tempfile.mkdtemp(prefix="amp_bench_mem_")
     tag = f"amp_bench_mem_{os.getpid()}"  # the shared services see only this run's schema and keys
     table = TableRef("logs_mem", namespace=tag)
     try:
-        with _loader(store, workdir, tag) as loader:
-            loader.ensure_table(table, LOGS)
-            before, sums = _status()["VmHWM"], []
+        with _loader(store, workdir, tag) as loader, contextlib.ExitStack() as stack:
+            if store == "engine":
+                url, head = stack.enter_context(_devserver(blocks)), START_BLOCK + blocks - 1
+                work = functools.partial(_sync, loader, table, url, head, tag)
+                expected = functools.partial(_chain_sums, blocks)
+            else:
+                loader.ensure_table(table, LOGS)
+                sums: list[int] = []
+                work = lambda: loader.write(table, lazy_logs(rows, sums)).rows  # noqa: E731
+                expected = lambda: (rows, sum(sums))  # noqa: E731
+            before = _status()["VmHWM"]
             peaks = _Peaks()
-            written = loader.write(table, lazy_logs(rows, sums)).rows
+            written = work()
             anon, file = peaks.stop()
             rss = _status()["VmHWM"]
             stored = total = 0
             for batch in loader.read(table):
                 stored += batch.num_rows
                 total += pc.sum(batch["log_index"].cast(pa.int64())).as_py() or 0
-            want = (rows, rows, sum(sums))
-            assert (written, stored, total) == want, f"{store}: wrote, stored, sum {(written, stored, total)} != {want}"
+            want_rows, want_sum = expected()
+            got, want = (written, stored, total), (want_rows, want_rows, want_sum)
+            assert got == want, f"{store}: wrote, stored, sum of log_index {got} != {want}"
             print(f"{before:.1f} {rss:.1f} {anon:.1f} {file:.1f}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         _cleanup(store, tag)
 
 
+@contextlib.contextmanager
+def _devserver(blocks: int) -> Iterator[str]:
+    """A dev server in its own process serving ``blocks`` blocks of the bench's chain; yields its URL."""
+    port = closed_port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "amp_dagster.cli", "devserver", "--port", str(port), "--admin-port", "-1"),
+            *("--blocks", str(blocks), "--block-time", "0", "--start-block", str(START_BLOCK), "--seed", str(SEED)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        server.stdout.readline()  # it prints a line once it serves
+        yield f"grpc://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _sync(loader: Loader, table: TableRef, url: str, head: int, tag: str) -> int:
+    """The sync engine's stream mode from the dev server into ``loader`` until the chain head; the rows written."""
+    from amp_dagster.flight.client import AmpClient
+    from amp_dagster.sources import AmpQuerySource
+    from amp_dagster.sync import MemoryCheckpoints, SyncOptions, sync
+
+    with AmpClient(url) as client:
+        source = AmpQuerySource(client, "SELECT * FROM eth_rpc.logs SETTINGS stream = true", stream=True)
+        return sync(
+            source, loader, table, MemoryCheckpoints(), "stream", SyncOptions(until_block=head), pipeline=tag
+        ).rows
+
+
+def blocks_for(rows: int) -> int:
+    """The fewest blocks from the start of the bench's chain that hold at least ``rows`` logs rows."""
+    view = Chain(seed=SEED, start_block=START_BLOCK, blocks=rows // 20 + 1000).view()
+    have, first = 0, START_BLOCK
+    while True:
+        numbers = view.tables(first, first + 499, ["logs"])["logs"]["_block_num"]
+        if have + len(numbers) >= rows:
+            return numbers[rows - have - 1].as_py() - START_BLOCK + 1
+        have, first = have + len(numbers), first + 500
+
+
+def _chain_sums(blocks: int) -> tuple[int, int]:
+    """Rows and the sum of ``log_index`` of the chain's first ``blocks`` blocks, 500 blocks at a time."""
+    view = Chain(seed=SEED, start_block=START_BLOCK, blocks=blocks).view()
+    rows = total = 0
+    for first in range(START_BLOCK, START_BLOCK + blocks, 500):
+        part = view.tables(first, min(first + 499, START_BLOCK + blocks - 1), ["logs"])["logs"]
+        rows += part.num_rows
+        total += pc.sum(part["log_index"].cast(pa.int64())).as_py() or 0
+    return rows, total
+
+
 def _cleanup(store: str, tag: str) -> None:
-    if store == "postgres":
+    if store in ("postgres", "engine"):
         import psycopg
         from psycopg import sql
 
@@ -160,24 +232,29 @@ def _cleanup(store: str, tag: str) -> None:
     elif store == "redis":
         import redis
 
-        client = redis.Redis.from_url(_redis_url())
-        keys = list(client.scan_iter(match=f"{tag}*", count=10_000))
-        for start in range(0, len(keys), 10_000):
-            client.unlink(*keys[start : start + 10_000])
+        client, page = redis.Redis.from_url(_redis_url()), []
+        for key in client.scan_iter(match=f"{tag}*", count=10_000):
+            page.append(key)
+            if len(page) == 10_000:
+                client.unlink(*page)
+                page = []
+        if page:
+            client.unlink(*page)
 
 
 def main(rows: int, rounds: int) -> None:
     small, large = rows, rows * FACTOR
     print(
-        f"\n## P9 peak memory streaming {large:,} vs {small:,} logs rows into each loader\n"
+        f"\n## P9 peak memory streaming {large:,} vs {small:,} logs rows into each loader, and through the engine\n"
         f"({rounds} fresh process(es) per loader and size, interleaved; load average {load_average():.2f} before)"
     )
     rounds_note(rounds)
     runs: dict[tuple[str, int], list[tuple[float, ...]]] = {}
+    blocks = {n: blocks_for(n) for n in (small, large)}
     for _ in range(rounds):
         for store in STORES:
             for n in (small, large):
-                runs.setdefault((store, n), []).append(_run(store, n))
+                runs.setdefault((store, n), []).append(_run(store, n, blocks[n]))
     print(f"load average {load_average():.2f} after; MB, medians; ratio = median at {FACTOR}x / median at 1x")
     print(
         f"{'loader':<11} {'RSS before':>10} {'peak RSS':>9} {f'RSS {FACTOR}x':>9} {'ratio':>6}   "
@@ -201,9 +278,9 @@ def _medians(samples: list[tuple[float, ...]]) -> tuple[float, ...]:
     return tuple(statistics.median(column) for column in zip(*samples, strict=True))
 
 
-def _run(store: str, rows: int) -> tuple[float, ...]:
+def _run(store: str, rows: int, blocks: int) -> tuple[float, ...]:
     out = subprocess.run(
-        [sys.executable, "-m", "amp_dagster_tests.benchmarks.bench_memory", store, str(rows)],
+        [sys.executable, "-m", "amp_dagster_tests.benchmarks.bench_memory", store, str(rows), str(blocks)],
         capture_output=True,
         text=True,
         check=False,
@@ -214,4 +291,4 @@ def _run(store: str, rows: int) -> tuple[float, ...]:
 
 
 if __name__ == "__main__":
-    child(sys.argv[1], int(sys.argv[2]))
+    child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
