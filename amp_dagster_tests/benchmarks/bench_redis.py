@@ -1,14 +1,17 @@
 """P3: the Redis loader against a raw pipelined writer of the same commands on the same server (its ceiling).
 
-The reference commands (per 16,384 rows, ZADD of the index, then DEL and HSET per row, since a key written again
-is a whole new row) are built per row in Python before the timed span, so the reference times only the socket and
-the server. Both cases write the same keys in Redis database 15, which the benchmark flushes between cases. Each
-case is checked by a server-side script over the index: row count, sum of ``log_index`` and the number of hash
-fields must match the Arrow data.
+The reference sends the commands the loader sends, in the key layout its docstring gives (per 16,384 rows, ZADD of
+the block index, then DEL and HSET per row, since a key written again is a whole new row) over one raw pipelined
+socket, as the loader does; they are built per row in Python before the timed span, so the reference times only the
+socket and the server. Both write into Redis database 15 under keys of their own (a prefix per run, deleted between
+rounds by a prefix scan: the server is shared, so nothing is flushed). The reference is checked by a server-side
+script over its index, the loader through its own ``read``: row count, sum of ``log_index`` and the number of
+non-null fields must match the Arrow data.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from urllib.parse import urlsplit
 
@@ -21,12 +24,13 @@ from amp_dagster.loaders.redis import RedisLoader
 from amp_dagster.ranges import RowRange
 
 from ..services import REDIS_URL, require_redis
-from .harness import Case, batches, compare, logs_table
+from .harness import GOALS, Case, batches, compare, logs_table
 
 DB = 15
 CHUNK = 16_384
+PREFIX = f"amp_bench_{os.getpid()}"  # keys of this run only: the server is shared
 TABLE = TableRef("logs", namespace="eth", key=("block_num", "log_index"))
-AREA = b"amp_bench:{eth:logs}:g0"
+AREA = f"{PREFIX}_raw:{{eth:logs}}:g0".encode()  # the reference's own keys, shaped like the loader's
 CHECK = """local rows, sum, fields = 0, 0, 0
 for _, k in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local key = KEYS[1] .. ':' .. k
@@ -80,35 +84,65 @@ def main(rows: int, rounds: int) -> None:
     table = logs_table(rows)
     url = REDIS_URL.rsplit("/", 1)[0] + f"/{DB}"
     client = redis.Redis.from_url(url)
-    loader = RedisLoader(url, prefix="amp_bench")
+    loader = RedisLoader(url, prefix=PREFIX)
     chunks, lines = reference_commands(table)
-    nulls = sum(table[f"topic{i}"].null_count for i in range(4))
-    want = [rows, pc.sum(table["log_index"].cast(pa.int64())).as_py(), rows * table.num_columns - nulls]
+    want = [rows, pc.sum(table["log_index"].cast(pa.int64())).as_py(), _fields(table)]
     low, high = pc.min_max(table["_block_num"]).values()
     whole = RowRange(low.as_py(), high.as_py())
 
     def fresh() -> None:
-        client.flushdb()
+        _drop(client)
         loader.ensure_table(TABLE, table.schema)
 
-    def check() -> None:
+    def check_raw() -> None:
         got = client.eval(CHECK, 1, AREA)
-        assert got == want, f"stored {got} != {want} (rows, sum of log_index, fields)"
+        assert got == want, f"reference stored {got} != {want} (rows, sum of log_index, fields)"
 
-    compare(
-        "P3 Redis: loader vs a raw pipelined writer of the same commands",
-        rows,
-        [
-            Case("raw pipelined socket, prebuilt (reference)", lambda: raw_writer(chunks, lines), fresh, check),
-            Case("RedisLoader.write (append)", lambda: loader.write(TABLE, batches(table)), fresh, check),
-            Case(
-                "RedisLoader.write(replace=range) (staged)",
-                lambda: loader.write(TABLE, batches(table), replace=whole),
-                fresh,
-                check,
-            ),
-        ],
-        rounds,
-    )
-    client.flushdb()
-    loader.close()
+    def check_loader() -> None:
+        stored = total = fields = 0
+        for batch in loader.read(TABLE):
+            stored += batch.num_rows
+            total += pc.sum(batch["log_index"].cast(pa.int64())).as_py() or 0
+            fields += _fields(batch)
+        got = [stored, total, fields]
+        assert got == want, f"loader stored {got} != {want} (rows, sum of log_index, fields)"
+
+    reference, mine = "raw pipelined socket, prebuilt (reference)", "RedisLoader.write (append)"
+    staged = "RedisLoader.write(replace=range), staged: no goal"
+    try:
+        result = compare(
+            "P3 Redis: loader vs a raw pipelined writer of the same commands",
+            rows,
+            [
+                Case(reference, lambda: raw_writer(chunks, lines), fresh, check_raw),
+                Case(mine, lambda: loader.write(TABLE, batches(table)), fresh, check_loader),
+                Case(staged, lambda: loader.write(TABLE, batches(table), replace=whole), fresh, check_loader),
+            ],
+            rounds,
+        )
+        result.goal(GOALS["P3"], mine, reference)
+    finally:
+        loader.close()
+        _drop(client)
+
+
+def _fields(data: pa.Table | pa.RecordBatch) -> int:
+    """The hash fields the rows make: one per non-null value."""
+    return data.num_rows * data.num_columns - sum(column.null_count for column in data.columns)
+
+
+def _drop(client: redis.Redis) -> None:
+    """Delete every key of this run (the loader's and the reference's), and nothing else."""
+    for keys in _pages(client.scan_iter(match=f"{PREFIX}*", count=10_000), 10_000):
+        client.unlink(*keys)
+
+
+def _pages(keys, size: int):
+    page = []
+    for key in keys:
+        page.append(key)
+        if len(page) == size:
+            yield page
+            page = []
+    if page:
+        yield page

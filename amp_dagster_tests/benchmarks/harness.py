@@ -1,7 +1,8 @@
-"""Side-by-side benchmark runner: interleaved rounds, untimed setup and checks, ratios against a reference."""
+"""Side-by-side benchmark runner: interleaved rounds, untimed setup and checks, ratios printed beside their goals."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import statistics
 import time
@@ -12,10 +13,40 @@ from pathlib import Path
 import pyarrow as pa
 
 BENCH_DIR = Path(os.environ.get("AMP_BENCH_DIR", Path(__file__).resolve().parents[2] / ".bench"))
+MIN_ROUNDS = 3  # PERFORMANCE.md: at least 3 interleaved rounds (or fresh processes) per figure
+QUIET_LOAD = 1.5  # PERFORMANCE.md: measure only below about this load average
 
 
 def _noop() -> None:
     return None
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A goal of PERFORMANCE.md: the ratio must be at least (or, ``at_most``, at most) ``target``."""
+
+    id: str
+    target: float
+    at_most: bool = False
+
+    def line(self, median: float, best: float | None = None, ratio: str = "", label: str = "") -> str:
+        """The verdict, and on a second line (if given) what the ratio divides by what."""
+        met = median <= self.target if self.at_most else median >= self.target
+        best_text = f", best {best:.2f}x" if best is not None else ""
+        sign = "<=" if self.at_most else ">="
+        verdict = f"{self.id}{label}: {median:.2f}x median{best_text}; goal {sign} {self.target:.2f}x: "
+        return verdict + ("meets it" if met else "MISSES it") + (f"\n    ({ratio})" if ratio else "")
+
+
+GOALS = {
+    "P1": Goal("P1", 1.0),
+    "P2": Goal("P2", 1.0),
+    "P3": Goal("P3", 0.9),
+    "P4": Goal("P4", 0.9),
+    "P5": Goal("P5", 0.9),
+    "P6": Goal("P6", 0.9),
+    "P9": Goal("P9", 1.1, at_most=True),
+}
 
 
 @dataclass
@@ -40,18 +71,29 @@ class Result:
         t = min(case.seconds) if best else statistics.median(case.seconds)
         return self.rows / t if t else float("inf")
 
-    def ratio(self, ours: str, reference: str) -> float:
-        """Throughput of ``ours`` over ``reference`` (medians): > 1 means ours is faster."""
+    def ratio(self, ours: str, reference: str, best: bool = False) -> float:
+        """Throughput of ``ours`` over ``reference`` (medians, or best against best): > 1 means ours is faster."""
         by = {c.name: c for c in self.cases}
-        return self.rate(by[ours]) / self.rate(by[reference])
+        return self.rate(by[ours], best) / self.rate(by[reference], best)
+
+    def goal(self, goal: Goal, ours: str, reference: str, label: str = "") -> None:
+        """Print the throughput ratio of ``ours`` to ``reference`` beside the goal."""
+        ratio = f"rows/s of '{ours}' / rows/s of '{reference}'; best = fastest round of each; above 1: ours is faster"
+        print(goal.line(self.ratio(ours, reference), self.ratio(ours, reference, best=True), ratio, label))
 
 
 def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def compare(title: str, rows: int, cases: list[Case], rounds: int = 3) -> Result:
+def rounds_note(rounds: int) -> None:
+    if rounds < MIN_ROUNDS:
+        print(f"note: {rounds} round(s) is a smoke run; figures need at least {MIN_ROUNDS}")
+
+
+def compare(title: str, rows: int, cases: list[Case], rounds: int = MIN_ROUNDS) -> Result:
     """Run the cases interleaved (A B C A B C ...), ``rounds`` times, and print a table of rows/s."""
+    load_before = load_average()
     for _ in range(rounds):
         for case in cases:
             case.setup()
@@ -61,37 +103,47 @@ def compare(title: str, rows: int, cases: list[Case], rounds: int = 3) -> Result
             case.cpu.append(time.process_time() - cpu)
             case.check()
     result = Result(title, rows, cases)
-    print(f"\n## {title}  ({rows:,} rows, {rounds} rounds, load average {load_average():.2f})")
-    print(f"{'case':<44} {'median rows/s':>14} {'best rows/s':>14} {'vs first':>9} {'client CPU s':>13}")
+    load = f"load average {load_before:.2f} before, {load_average():.2f} after"
+    print(f"\n## {title}\n({rows:,} rows, {rounds} interleaved rounds, {load})")
+    rounds_note(rounds)
+    print(f"{'case':<52} {'median rows/s':>14} {'best rows/s':>14} {'vs first':>9} {'client CPU s':>13}")
     for case in cases:
         print(
-            f"{case.name:<44} {result.rate(case):>14,.0f} {result.rate(case, best=True):>14,.0f} "
+            f"{case.name:<52} {result.rate(case):>14,.0f} {result.rate(case, best=True):>14,.0f} "
             f"{result.rate(case) / result.rate(cases[0]):>8.2f}x {statistics.median(case.cpu):>13.2f}"
         )
     return result
 
 
+def default(cls: type, parameter: str):
+    """The default of a constructor parameter: the setting a loader runs with unless told otherwise, read from its
+    public signature so that the reference follows the loader when that default changes."""
+    return inspect.signature(cls).parameters[parameter].default
+
+
 def logs_table(rows: int) -> pa.Table:
-    """At least ``rows`` rows of amp's logs schema (then cut to exactly ``rows``), cached as Arrow IPC on disk."""
+    """Exactly ``rows`` rows of amp's logs schema in 65,536-row chunks, cached as Arrow IPC on disk and memory-mapped
+    (the same chunking whether the cache was just written or already there)."""
     from amp_dagster.devserver.chain import Chain
 
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     path = BENCH_DIR / f"logs_{rows}.arrow"
-    if path.exists():
-        with pa.memory_map(str(path)) as source:
-            return pa.ipc.open_file(source).read_all()
-    chain = Chain(seed=42, start_block=15_000_000, blocks=rows // 20 + 1000)
-    view = chain.view()
-    parts, have, block = [], 0, view.start_block
-    while have < rows:
-        part = view.tables(block, block + 999, ["logs"])["logs"]
-        parts.append(part)
-        have += part.num_rows
-        block += 1000
-    table = pa.concat_tables(parts).slice(0, rows).combine_chunks()
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=65_536)
-    return table
+    if not path.exists():
+        chain = Chain(seed=42, start_block=15_000_000, blocks=rows // 20 + 1000)
+        view = chain.view()
+        parts, have, block = [], 0, view.start_block
+        while have < rows:
+            part = view.tables(block, block + 999, ["logs"])["logs"]
+            parts.append(part)
+            have += part.num_rows
+            block += 1000
+        table = pa.concat_tables(parts).slice(0, rows).combine_chunks()
+        partial = path.with_suffix(f".{os.getpid()}.tmp")  # renamed into place: a killed run leaves no half file
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=65_536)
+        partial.replace(path)
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
 
 
 def batches(table: pa.Table, rows_per_batch: int = 65_536) -> pa.RecordBatchReader:
