@@ -6,6 +6,7 @@ stops, a last sync catches up, and the destination must equal the canonical resu
 from __future__ import annotations
 
 import os
+import queue
 import random
 import subprocess
 import sys
@@ -60,100 +61,136 @@ def _destination(name: str, harness) -> str:
     return f'{{kind: lmdb, path: "{harness.tmp_path / "lmdb"}"}}'
 
 
-def _loader(name: str, harness):
-    from amp_dagster.pipelines import parse_pipelines
+class Target:
+    """One pipeline (a store and a query) synced by `amp-dagster sync` processes that keep being killed."""
 
-    spec = parse_pipelines(
-        {
-            "pipelines": [
-                {
-                    "name": "x",
-                    "source": {"sql": "SELECT 1"},
-                    "table": "t",
-                    "destination": _yaml_to_dict(_destination(name, harness)),
-                }
-            ]
-        }
-    )
-    return spec.pipelines[0].destination.build()
+    def __init__(self, name: str, query: str, tmp_path: Path, server) -> None:
+        self.name, self.query = name, query
+        root = tmp_path / f"{name}-{'dense' if query == DENSE else 'sparse'}"
+        root.mkdir()
+        self.harness = load(name)(root)
+        home = root / "home"
+        home.mkdir()
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        spec = root / "pipelines.yaml"
+        spec.write_text(
+            "pipelines:\n"
+            "  - name: chain\n"
+            f'    source: {{sql: "{query}", url: "{server.url}"}}\n'
+            f"    destination: {_destination(name, self.harness)}\n"
+            f"    namespace: {self.harness.namespace}\n"
+            "    table: logs\n"
+            "    mode: stream\n"
+            "    flush: {seconds: 0.2}\n"
+        )
+        self.env = {**os.environ, "DAGSTER_HOME": str(home)}
+        self.command = [sys.executable, "-m", "amp_dagster.cli", "sync", str(spec), "chain"]
+        self.between = 0
+
+    def kill_once(self, between: bool, pause: float) -> None:
+        """Start a sync and SIGKILL it: between a commit and its checkpoint, or ``pause`` s into syncing."""
+        env = {**self.env, "AMP_DAGSTER_TEST_COMMIT_PAUSE": "0.3"} if between else self.env
+        process = subprocess.Popen(self.command, env=env, stderr=subprocess.PIPE, text=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in process.stderr] + [lines.put(None)], daemon=True).start()
+        seen: list[str] = []
+        try:
+            marker = "checkpoint amp_dagster" if between else "sync chain:"
+            while True:
+                try:
+                    line = lines.get(timeout=120)
+                except queue.Empty:
+                    raise AssertionError(f"{self.name}: no {marker!r} within 120 s: {''.join(seen)[-2000:]}") from None
+                assert line is not None, f"{self.name}: the sync exited before {marker!r}: {''.join(seen)[-2000:]}"
+                seen.append(line)
+                if marker in line:
+                    break
+            if between:
+                self.between += 1
+            else:
+                time.sleep(pause)
+        finally:
+            process.kill()
+            process.wait(30)
+
+    def finish(self, head: int) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.command, "--until-block", str(head)], env=self.env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    def verdict(self, server, head: int) -> dict:
+        """The destination's rows, read in a fresh process (chdb opens one engine path per process), against the
+        canonical chain."""
+        import pyarrow as pa
+
+        out = self.harness.tmp_path / "rows.arrow"
+        script = (
+            "import sys, yaml, pyarrow as pa\n"
+            "from amp_dagster.pipelines import load_pipelines\n"
+            f"p = load_pipelines({str(self.command[4])!r}).get('chain')\n"
+            "loader = p.destination.build()\n"
+            "rows = loader.read(p.table_ref()).read_all()\n"
+            f"with pa.OSFile({str(out)!r}, 'wb') as f, pa.ipc.new_file(f, rows.schema) as w:\n"
+            "    w.write_table(rows)\n"
+            "loader.close()\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        try:
+            got = pa.ipc.open_file(pa.memory_map(str(out))).read_all()
+        except (OSError, pa.ArrowInvalid):
+            raise AssertionError(f"{self.name}: reading the destination failed: {done.stderr[-3000:]}") from None
+        finally:
+            self.harness.cleanup()
+        return exact(got, canonical(server, end=head, where=None if self.query == DENSE else _sparse))
 
 
-def _yaml_to_dict(text: str) -> dict:
-    import yaml
+def _in_parallel(calls) -> list:
+    results, errors = [None] * len(calls), []
 
-    return yaml.safe_load(text)
+    def run(i, call):
+        try:
+            results[i] = call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
-def _kill_and_restart(name: str, query: str, kills: int, tmp_path: Path, devserver, seed: int) -> None:
-    harness = load(name)(tmp_path)
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+def _kill_and_restart(targets: list[tuple[str, str]], kills: int, tmp_path: Path, devserver, seed: int) -> None:
+    """Every target's sync is killed ``kills`` times (all targets at once, each round), then caught up."""
     server = devserver(blocks=40, microbatch_blocks=16)
-    spec = tmp_path / "pipelines.yaml"
-    spec.write_text(
-        "pipelines:\n"
-        "  - name: chain\n"
-        f'    source: {{sql: "{query}", url: "{server.url}"}}\n'
-        f"    destination: {_destination(name, harness)}\n"
-        f"    namespace: {harness.namespace}\n"
-        "    table: logs\n"
-        "    mode: stream\n"
-        "    flush: {seconds: 0.2}\n"
-    )
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
-    command = [sys.executable, "-m", "amp_dagster.cli", "sync", str(spec), "chain"]
-    chain = Chain(server, seed)
+    running = [Target(name, query, tmp_path, server) for name, query in targets]
+    chain, rng = Chain(server, seed), random.Random(seed)
     chain.start()
-    rng, pending_kills = random.Random(seed), 0
     try:
         for i in range(kills):
             between = i % 2 == 0  # every other kill lands between a commit and its checkpoint
-            run_env = {**env, "AMP_DAGSTER_TEST_COMMIT_PAUSE": "0.3"} if between else env
-            process = subprocess.Popen(command, env=run_env, stderr=subprocess.PIPE, text=True)
-            try:
-                deadline, marker = time.monotonic() + 60, "checkpoint amp_dagster" if between else "sync chain:"
-                while marker not in (line := process.stderr.readline()):
-                    assert line, f"the sync exited before {marker!r} (kill {i}): {process.stderr.read()[-2000:]}"
-                    assert time.monotonic() < deadline
-                if between:
-                    pending_kills += 1
-                else:
-                    time.sleep(rng.uniform(0, 1.0))
-            finally:
-                process.kill()
-                process.wait(30)
-        assert pending_kills >= kills // 2
+            _in_parallel([lambda t=t, b=between: t.kill_once(b, rng.uniform(0, 1.0)) for t in running])
     finally:
         chain.halt.set()
         chain.join()
     head = server.chain.head
-    final = subprocess.run([*command, "--until-block", str(head)], env=env, capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
-    assert final.returncode in (0, -6, 134), final.stderr[-3000:]  # deltalake may abort at exit (STACK_NOTES)
-    loader = _loader(name, harness)
-    try:
-        from amp_dagster.loaders.base import TableRef
-
-        got = loader.read(TableRef("logs", harness.namespace)).read_all()
-    finally:
-        loader.close()
-        harness.cleanup()
-    want = canonical(server, end=head, where=None if query == DENSE else _sparse)
-    verdict = exact(got, want)
-    assert verdict["ok"], f"{name} {kills} kills, {chain.reorgs} reorgs: {verdict}"
+    for done in _in_parallel([lambda t=t: t.finish(head) for t in running]):
+        assert done.returncode in (0, -6, 134), done.stderr[-3000:]  # deltalake may abort at exit (STACK_NOTES)
+    for target in running:
+        assert target.between >= kills // 2
+        verdict = target.verdict(server, head)
+        assert verdict["ok"], f"{target.name} {target.query!r}: {kills} kills, {chain.reorgs} reorgs: {verdict}"
 
 
-@pytest.mark.parametrize("query", [DENSE, SPARSE], ids=["dense", "sparse"])
-@pytest.mark.parametrize("name", ["postgres", "delta"])
-def test_twenty_kills(name, query, tmp_path, devserver):
-    if name == "postgres":
-        services.require_postgres()
-    _kill_and_restart(name, query, 20, tmp_path, devserver, seed=len(name) * 10 + len(query))
+def test_twenty_kills_dense_and_sparse_into_postgresql_and_delta_lake(tmp_path, devserver):
+    services.require_postgres()
+    targets = [(name, query) for name in ("postgres", "delta") for query in (DENSE, SPARSE)]
+    _kill_and_restart(targets, 20, tmp_path, devserver, seed=20)
 
 
-@pytest.mark.parametrize("name", ["redis", "clickhouse", "iceberg", "lmdb"])
-def test_five_kills(name, tmp_path, devserver):
-    if name == "redis":
-        services.require_redis()
-    _kill_and_restart(name, DENSE, 5, tmp_path, devserver, seed=7)
+def test_five_kills_into_every_other_store(tmp_path, devserver):
+    services.require_redis()
+    targets = [(name, DENSE) for name in ("redis", "clickhouse", "iceberg", "lmdb")]
+    _kill_and_restart(targets, 5, tmp_path, devserver, seed=5)
