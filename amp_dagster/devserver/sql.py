@@ -141,7 +141,7 @@ def _planning_error(exc: Exception, dataset: Dataset) -> QueryError:
 def _unknown_table(resolved: str, dataset: Dataset) -> QueryError:
     """amp's refusal of a table reference DataFusion could not resolve, told apart by where it resolved to."""
     full = f"{dataset.namespace}/{dataset.name}@{dataset.revision}"
-    example = f"{dataset.name}.blocks or \"{full}\".blocks"
+    example = f'{dataset.name}.blocks or "{full}".blocks'
     if not resolved.startswith(CATALOG + "."):
         return QueryError(
             "INVALID_ARGUMENT",
@@ -149,7 +149,7 @@ def _unknown_table(resolved: str, dataset: Dataset) -> QueryError:
             f"supported: {resolved}; name a dataset and a table, as in {example}",
         )
     schema, _, table = resolved[len(CATALOG) + 1 :].rpartition(".")
-    name = f"{schema if re.fullmatch(r'[a-z_][a-z0-9_]*', schema) else chr(34) + schema + chr(34)}.{table}"
+    name = f"{schema}.{table}" if re.fullmatch(r"[a-z_][a-z0-9_]*", schema) else f'"{schema}".{table}'  # as written
     if schema == BARE_SCHEMA:
         return QueryError(
             "INVALID_ARGUMENT",
