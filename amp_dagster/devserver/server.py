@@ -165,6 +165,16 @@ class ChainData:
         return entry
 
 
+def random_reorg(rng: random.Random, synced: int, max_depth: int) -> tuple[int, int]:
+    """The depth (1..max_depth, at most the synced blocks) and new length (1..2*depth) of a random reorg.
+
+    Shorter and longer forks as well as same-height ones: a sync that ignores a reorg then visibly keeps orphaned
+    rows or misses new ones, even on a query that has rows in every block.
+    """
+    depth = rng.randint(1, max(1, min(max_depth, synced)))
+    return depth, rng.randint(1, 2 * depth)
+
+
 def _forks_between(segments: tuple[Segment, ...], first: int, last: int) -> tuple[Segment, ...]:
     """The fork segments that decide blocks ``first..=last`` (a chunk's content and its parent hash)."""
     out = []
@@ -317,10 +327,7 @@ class DevServer(flight.FlightServerBase):
                     continue
                 self.chain.advance(1)
                 if reorg_probability and rng.random() < reorg_probability:
-                    synced = self.chain.head - self.chain.start_block + 1
-                    depth = rng.randint(1, max(1, min(max_depth, synced)))
-                    # shorter and longer forks too: a sync that ignores a reorg then loses or keeps rows visibly
-                    self.reorg(depth, rng.randint(1, 2 * depth))
+                    self.reorg(*random_reorg(rng, self.chain.head - self.chain.start_block + 1, max_depth))
 
     # -- RPCs ----------------------------------------------------------------------------------------------
 
@@ -490,10 +497,10 @@ class DevServer(flight.FlightServerBase):
         fault = self._take_fault("drop", "slow")
         sent = microbatch = in_microbatch = 0  # data batches of the stream; microbatch index; its data batches
         for batch, metadata, complete in batches:
-            if self._stopping.is_set():  # as a killed server would: mid-microbatch if need be
-                raise flight.FlightUnavailableError("the dev server is shutting down")
             if fault is not None and fault.kind == "slow":
                 time.sleep(fault.delay)
+            if self._stopping.is_set():  # as a killed server would: mid-microbatch if need be
+                raise flight.FlightUnavailableError("the dev server is shutting down")
             if fault is not None and fault.kind == "drop":
                 if fault.microbatch is None:
                     cut = batch.num_rows > 0 and sent >= fault.after_batches
