@@ -8,9 +8,13 @@ import socket
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 
 from amp_dagster.cli import ADMIN_OFFSET, main
+from amp_dagster.flight.client import AmpClient
+from amp_dagster.flight.protocol import Checkpoint, Data, Rewind, Rollback
+from amp_dagster.retry import RetryPolicy
 
 from .services import closed_port
 
@@ -18,9 +22,9 @@ DEVSERVER = [sys.executable, "-m", "amp_dagster.cli", "devserver"]
 
 
 def spawn(*options: str) -> tuple[subprocess.Popen, str]:
-    """A dev server process with 50 standing blocks; returns it and its banner line."""
+    """A dev server process, by default with 50 standing blocks; returns it and its banner line."""
     process = subprocess.Popen(
-        [*DEVSERVER, *options, "--blocks", "50", "--block-time", "0", "--microbatch-blocks", "10"],
+        [*DEVSERVER, "--blocks", "50", "--block-time", "0", "--microbatch-blocks", "10", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -165,3 +169,46 @@ def test_a_busy_port_is_named_with_the_option_that_moves_it(devserver):
     assert result.returncode == 2, result.stderr
     assert f"error: control API port {busy} on 127.0.0.1 is already in use" in result.stderr
     assert "--admin-port N" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_dev_server_restarted_on_its_port_with_its_seed_continues_the_stream():
+    port, admin = closed_port(), closed_port()
+    first, _ = spawn("--port", str(port), "--admin-port", str(admin), "--seed", "11")
+    second = None
+    # the slow fault holds each batch 0.2 s: the kill lands between a microbatch's data and its marker
+    assert main(["devserver", "--admin-port", str(admin), "fault", "slow", "--delay", "0.2"]) == 0
+    url = f"grpc://127.0.0.1:{port}"
+    retry = RetryPolicy(attempts=60, initial_delay=0.05, max_delay=0.2)
+    stream = AmpClient(url, stream_retry=retry).stream("SELECT _block_num, log_index FROM eth_rpc.logs "
+                                                        "SETTINGS stream = true")  # fmt: skip
+    kept: list[pa.RecordBatch] = []  # what a destination holds: rows since the last checkpoint are voided on rewind
+    pending: list[pa.RecordBatch] = []
+    events = []
+    try:
+        for event in stream:
+            events.append(event)
+            if isinstance(event, Data):
+                pending.append(event.batch)
+                if event.ranges[0].start == 10 and second is None:
+                    first.kill()  # SIGKILL
+                    first.wait()
+                    second, banner = spawn("--port", str(port), "--admin-port", "-1", "--seed", "11", "--blocks", "60")
+                    assert f"amp dev server on {url}" in banner, banner
+            elif isinstance(event, Rewind):
+                pending = []
+            elif isinstance(event, Checkpoint):
+                kept, pending = kept + pending, []
+                if event.position.blocks["mainnet"].number == 59:
+                    stream.close()
+        (rewind,) = [e for e in events if isinstance(e, Rollback)]  # a rewind, and no reorg: the same chain
+        assert isinstance(rewind, Rewind) and rewind.first_block == 10
+        spans = [(e.ranges[0].start, e.ranges[0].end) for e in events if isinstance(e, Checkpoint)]
+        assert spans == [(0, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59)]
+        want = AmpClient(url).query("SELECT _block_num, log_index FROM eth_rpc.logs").reader.read_all()
+        order = [("_block_num", "ascending"), ("log_index", "ascending")]
+        assert pa.Table.from_batches(kept).sort_by(order).equals(want.sort_by(order))
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
