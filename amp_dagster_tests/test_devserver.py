@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+from amp_dagster.devserver.admin import AdminServer
 from amp_dagster.devserver.chain import Chain
-from amp_dagster.devserver.server import Fault, random_reorg
+from amp_dagster.devserver.server import DevServer, Fault, PortInUseError, random_reorg
 from amp_dagster.flight.protocol import (
     ZERO_HASH,
     BlockRange,
@@ -449,3 +450,16 @@ def test_streamed_rows_are_in_block_order_without_selecting_block_num(devserver,
     order = [("block_num", "ascending"), ("i", "ascending")]
     want = pa.Table.from_batches([b for b, _ in batch if b.num_rows]).sort_by(order)
     assert pa.concat_tables(rows for _, rows in streamed).sort_by(order).equals(want)
+
+
+def test_a_taken_port_is_named(devserver):
+    taken = devserver(blocks=5)
+    with pytest.raises(PortInUseError, match=f"the Flight port {taken.port} on 127.0.0.1 is already in use"):
+        DevServer(f"grpc://127.0.0.1:{taken.port}", blocks=5)
+    admin = AdminServer(taken, port=0)
+    try:
+        port = int(admin.url.rsplit(":", 1)[1])
+        with pytest.raises(PortInUseError, match=f"the control API port {port} on 127.0.0.1 is already in use"):
+            AdminServer(taken, port=port)
+    finally:
+        admin.shutdown()

@@ -447,9 +447,15 @@ class DevServer(flight.FlightServerBase):
         raise flight.FlightUnavailableError("the dev server is shutting down")
 
     def _microbatch(
-        self, view: ChainView, prepared: sql.Prepared, schema: pa.Schema, tables: set[str], start: int, end: int,
+        self,
+        view: ChainView,
+        prepared: sql.Prepared,
+        schema: pa.Schema,
+        tables: set[str],
+        start: int,
+        end: int,
         per_block: bool,
-    ) -> Iterator[pa.RecordBatch]:  # fmt: skip
+    ) -> Iterator[pa.RecordBatch]:
         """The rows of blocks ``start..=end``, ordered by block as amp orders them (§2).
 
         amp sorts by ``_block_num`` and drops it when not selected. A query without it whose plan does not keep
@@ -551,9 +557,12 @@ def _slices(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
 
 
 def _host_port(location: str) -> tuple[str, int]:
-    """Host (as written, brackets kept) and port of a ``grpc://host:port`` location."""
-    host, _, port = location.split("://", 1)[-1].rpartition(":")
-    return host or "127.0.0.1", int(port or 0)
+    """Host (as written, brackets kept) and port of a ``grpc://host:port`` location; port 0 when none is given."""
+    netloc = location.split("://", 1)[-1]
+    host, colon, port = netloc.rpartition(":")
+    if not colon or not port.isdigit():
+        return netloc or "127.0.0.1", 0
+    return host or "127.0.0.1", int(port)
 
 
 def _parse_cursor(header: str | None) -> dict | None:
