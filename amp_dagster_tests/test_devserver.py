@@ -301,14 +301,14 @@ def test_reorg_to_a_shorter_chain_restarts_at_the_fork_and_waits_for_the_chain_t
     assert (shorter.start, shorter.end) == (25, 26)
     assert shorter.prev_hash == normalize_hash(view.block_hash(24)) != old_head_hash
     assert shorter.hash == normalize_hash(view.block_hash(26))
-    assert stream.reorgs == [Reorg("mainnet", 25, 29)]  # the orphaned blocks reach the old head
+    assert stream.reorgs == [Reorg("mainnet", 25, 29, shorter.prev_hash)]  # orphans reach the old head
     assert rows.equals(logs(server, 25, 26))
 
     assert server.reorg(depth=3, length=0) == 24  # the tip is dropped: the stream restarts at 24 once it exists
     server.advance(4)
     ((grown, rows),) = stream.microbatches(1)
     assert (grown.start, grown.end) == (24, 27) and grown.prev_hash == normalize_hash(view.block_hash(23))
-    assert stream.reorgs[1:] == [Reorg("mainnet", 24, 27)]
+    assert stream.reorgs[1:] == [Reorg("mainnet", 24, 27, grown.prev_hash)]
     assert rows.equals(logs(server, 24, 27))
     stream.close()
 
@@ -322,7 +322,7 @@ def test_reorg_to_a_longer_chain_resends_from_the_fork_to_the_new_head(devserver
     assert server.chain.head == 34
     ((longer, rows),) = stream.microbatches(1)
     assert (longer.start, longer.end) == (27, 34)
-    assert stream.reorgs == [Reorg("mainnet", 27, 34)]
+    assert stream.reorgs == [Reorg("mainnet", 27, 34, normalize_hash(server.chain.view().block_hash(26)))]
     assert rows.equals(logs(server, 27, 34))
     assert not rows.slice(0, before.num_rows).equals(before)  # new blocks, not the old ones resent
     stream.close()
