@@ -1,7 +1,8 @@
 """`amp-dagster`: run and steer the dev server, and run queries and streams against amp from a terminal.
 
-amp-dagster devserver [--blocks N --block-time S ...]     serve a local amp (Flight on 1602, control on 1610)
-amp-dagster devserver status | reorg --depth N | advance --blocks N | fault KIND [...]
+amp-dagster devserver [--port P --admin-port A ...]       serve a local amp (Flight on 1602, control on 1610)
+amp-dagster devserver [--port P | --admin-port A | --admin URL] status | reorg --depth N [--length M] |
+            advance --blocks N | pause | resume | fault KIND [...]       steer the dev server so named
 amp-dagster query SQL [--show N]                          batches, a preview, and the synced ranges
 amp-dagster stream SQL [--resume WATERMARK] [--until-block N | --seconds S]
 amp-dagster sync FILE [PIPELINE] [--until-block N | --seconds S] [--json]   run a pipeline, no daemon needed
@@ -19,10 +20,13 @@ import signal
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 
 ADMIN_ENV, TOKEN_ENV = "AMP_DEVSERVER_ADMIN", "AMP_DEVSERVER_TOKEN"
-DEFAULT_ADMIN = "http://127.0.0.1:1610"
+FLIGHT_PORT = 1602
+ADMIN_OFFSET = 8  # the control API's port is the Flight port + 8 unless given: 1610 beside 1602, as amp lays out
+DEFAULT_ADMIN = f"http://127.0.0.1:{FLIGHT_PORT + ADMIN_OFFSET}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("devserver", help="serve a local amp-compatible Flight SQL server, or steer one")
     dev.set_defaults(run=_serve)
     dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=1602, help="Flight SQL port (default 1602, as amp)")
-    dev.add_argument("--admin-port", type=int, default=1610, help="control API port (default 1610; -1: none)")
+    dev.add_argument("--port", type=int, help=f"Flight SQL port (default {FLIGHT_PORT}, as amp; 0: a free one)")
+    dev.add_argument(
+        "--admin-port",
+        type=int,
+        help=f"control API port (default: the Flight port + {ADMIN_OFFSET}, so 1610; 0: a free one; -1: none)",
+    )
     dev.add_argument("--blocks", type=int, default=1000, help="blocks synced at start (default 1000)")
     dev.add_argument("--start-block", type=int, default=0, help="first block of the dataset (default 0)")
     dev.add_argument("--network", default="mainnet")
@@ -60,18 +68,28 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--txs-per-block", type=int, default=20, help="average transactions per block")
     dev.add_argument("--reorg-probability", type=float, default=0.0, help="chance of a reorg after each block")
     dev.add_argument("--max-reorg-depth", type=int, default=6)
-    dev.add_argument("--admin", default=os.environ.get(ADMIN_ENV, DEFAULT_ADMIN), help="control API to steer")
+    dev.add_argument(
+        "--admin",
+        help="control API URL to steer (default: from --admin-port, else from --port, else "
+        f"${ADMIN_ENV}, else {DEFAULT_ADMIN})",
+    )
     actions = dev.add_subparsers(dest="action")
     actions.add_parser("status", help="chain head and forks").set_defaults(run=_admin("GET", "/status"))
-    reorg = actions.add_parser("reorg", help="replace the last N blocks with a new fork")
-    reorg.add_argument("--depth", type=int, required=True)
-    reorg.set_defaults(run=_admin("POST", "/reorg", "depth"))
+    reorg = actions.add_parser("reorg", help="replace the last N blocks with M blocks of a new fork")
+    reorg.add_argument("--depth", type=int, required=True, help="blocks replaced (N)")
+    reorg.add_argument("--length", type=int, help="new blocks (M, default N): fewer shortens the chain, more grows it")
+    reorg.set_defaults(run=_admin("POST", "/reorg", "depth", "length"))
     advance = actions.add_parser("advance", help="add N blocks now")
     advance.add_argument("--blocks", type=int, default=1)
     advance.set_defaults(run=_admin("POST", "/advance", "blocks"))
+    actions.add_parser("pause", help="stop new blocks and random reorgs").set_defaults(run=_admin("POST", "/pause"))
+    actions.add_parser("resume", help="let the chain grow again").set_defaults(run=_admin("POST", "/resume"))
     fault = actions.add_parser("fault", help="make the next calls fail: drop, slow, unavailable, internal")
     fault.add_argument("kind", choices=["drop", "slow", "unavailable", "internal", "clear"])
     fault.add_argument("--after-batches", type=int, default=0, help="drop: data batches sent before the cut")
+    fault.add_argument(
+        "--microbatch", type=int, help="drop: cut inside this microbatch (0-based), before its completion marker"
+    )
     fault.add_argument("--delay", type=float, default=0.0, help="slow: seconds before each batch")
     fault.add_argument("--times", type=int, default=1, help="how many calls the fault hits")
     fault.set_defaults(run=_fault)
@@ -119,22 +137,43 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args) -> int:
     from .devserver.admin import AdminServer
-    from .devserver.server import DevServer
+    from .devserver.server import DevServer, PortInUseError
+    from .errors import ConfigError
 
-    server = DevServer(
-        f"grpc://{args.host}:{args.port}",
-        seed=args.seed,
-        network=args.network,
-        start_block=args.start_block,
-        blocks=args.blocks,
-        txs_per_block=args.txs_per_block,
-        block_time=args.block_time,
-        reorg_probability=args.reorg_probability,
-        max_reorg_depth=args.max_reorg_depth,
-        microbatch_blocks=args.microbatch_blocks,
-        token=os.environ.get(TOKEN_ENV) or None,
-    )
-    admin = AdminServer(server, args.host, args.admin_port) if args.admin_port >= 0 else None
+    port = FLIGHT_PORT if args.port is None else args.port
+    admin_port = args.admin_port if args.admin_port is not None else port + ADMIN_OFFSET if port else 0
+    if admin_port > 65535:
+        raise ConfigError(
+            f"--port {port} leaves no room for the control API on port + {ADMIN_OFFSET}: give --admin-port"
+        )
+    try:
+        server = DevServer(
+            f"grpc://{args.host}:{port}",
+            seed=args.seed,
+            network=args.network,
+            start_block=args.start_block,
+            blocks=args.blocks,
+            txs_per_block=args.txs_per_block,
+            block_time=args.block_time,
+            reorg_probability=args.reorg_probability,
+            max_reorg_depth=args.max_reorg_depth,
+            microbatch_blocks=args.microbatch_blocks,
+            token=os.environ.get(TOKEN_ENV) or None,
+        )
+    except PortInUseError as exc:
+        raise ConfigError(
+            f"{exc.service} port {exc.port} on {exc.host} is already in use (another amp or dev server?). Choose "
+            f"another with --port N (0 picks a free one); the control API follows on N + {ADMIN_OFFSET} unless "
+            "--admin-port is given"
+        ) from None
+    try:
+        admin = AdminServer(server, args.host, admin_port) if admin_port >= 0 else None
+    except PortInUseError as exc:
+        server.shutdown()
+        raise ConfigError(
+            f"{exc.service} port {exc.port} on {exc.host} is already in use (another amp or dev server?). Choose "
+            "another with --admin-port N (0 picks a free one, -1 serves no control API)"
+        ) from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the banner: whoever reads it may stop us at once
         signal.signal(sig, lambda *_: stop.set())
@@ -152,10 +191,11 @@ def _serve(args) -> int:
     return 0
 
 
-def _admin(method: str, path: str, param: str | None = None):
+def _admin(method: str, path: str, *params: str):
     def run(args) -> int:
-        query = f"?{param}={getattr(args, param)}" if param else ""
-        print(json.dumps(_call_admin(args.admin, method, path + query)))
+        given = {name: getattr(args, name) for name in params if getattr(args, name) is not None}
+        query = "?" + urllib.parse.urlencode(given) if given else ""
+        print(json.dumps(_call_admin(args, method, path + query)))
         return 0
 
     return run
@@ -163,25 +203,63 @@ def _admin(method: str, path: str, param: str | None = None):
 
 def _fault(args) -> int:
     if args.kind == "clear":
-        print(json.dumps(_call_admin(args.admin, "DELETE", "/fault")))
+        print(json.dumps(_call_admin(args, "DELETE", "/fault")))
         return 0
-    query = f"?kind={args.kind}&after_batches={args.after_batches}&delay={args.delay}&times={args.times}"
-    print(json.dumps(_call_admin(args.admin, "POST", "/fault" + query)))
+    names = ("kind", "after_batches", "delay", "times", "microbatch")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    print(json.dumps(_call_admin(args, "POST", "/fault?" + urllib.parse.urlencode(given))))
     return 0
 
 
-def _call_admin(base: str, method: str, path: str) -> dict:
+def admin_url(args) -> tuple[str, str]:
+    """The control API that ``amp-dagster devserver ... status|reorg|...`` steers, and where that choice came from.
+
+    ``--admin URL`` first; else ``--admin-port A`` on ``--host``; else ``--port P``, whose server listens for
+    control on P + 8 unless it was started with its own ``--admin-port``; else ``$AMP_DEVSERVER_ADMIN``; else
+    the default ports' control API, http://127.0.0.1:1610.
+    """
+    from .errors import ConfigError
+
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    host = f"[{host}]" if ":" in host else host
+    if args.admin:
+        return args.admin, "--admin"
+    if args.admin_port is not None:
+        if args.admin_port <= 0:
+            raise ConfigError(
+                f"--admin-port {args.admin_port} names no control API to steer: give the port the dev server's "
+                "banner prints for its control API, or --admin URL"
+            )
+        return f"http://{host}:{args.admin_port}", f"--admin-port {args.admin_port}"
+    if args.port is not None:
+        if args.port <= 0:
+            raise ConfigError(
+                f"--port {args.port} names no dev server to steer: give the Flight port its banner prints, "
+                "or --admin URL"
+            )
+        admin_port = args.port + ADMIN_OFFSET
+        return f"http://{host}:{admin_port}", f"--port {args.port}, whose control API is on {admin_port}"
+    if os.environ.get(ADMIN_ENV):
+        return os.environ[ADMIN_ENV], f"${ADMIN_ENV}"
+    return DEFAULT_ADMIN, "the default"
+
+
+def _call_admin(args, method: str, path: str) -> dict:
     from .errors import QueryError, ServiceUnavailableError
 
+    base, how = admin_url(args)
     request = urllib.request.Request(base.rstrip("/") + path, method=method)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise QueryError(f"the dev server refused {method} {path}: {exc.read().decode()}") from None
+        raise QueryError(f"the dev server at {base} refused {method} {path}: {exc.read().decode()}") from None
     except OSError as exc:
+        reason = getattr(exc, "reason", exc)
         raise ServiceUnavailableError(
-            f"no dev server control API at {base} ({exc}). Start one with `amp-dagster devserver`, or pass --admin."
+            f"no dev server control API answers at {base} (from {how}): {reason}. Name the server to steer with "
+            f"--admin URL, --admin-port PORT, or --port FLIGHT_PORT (its control API is on FLIGHT_PORT + "
+            f"{ADMIN_OFFSET} unless it was started with --admin-port); or start one with `amp-dagster devserver`."
         ) from None
 
 

@@ -253,26 +253,91 @@ def test_stream_survives_a_server_restart(devserver):
     assert_mirrors(mirror, server, 0, 39)
 
 
-def test_random_reorgs_while_the_chain_grows(devserver):
+def batch_rows(server, last_block: int) -> pa.Table:
+    """The canonical chain's result of the streamed query, computed independently: a batch query."""
+    sql = f"SELECT {', '.join(COLUMNS)} FROM eth_rpc.logs WHERE _block_num <= {last_block}"
+    return AmpClient(server.url).query(sql).reader.read_all().sort_by(ORDER)
+
+
+def test_random_reorgs_of_every_shape_while_the_chain_grows(devserver):
     server = devserver(
         blocks=20, microbatch_blocks=5, block_time=0.02, reorg_probability=0.2, max_reorg_depth=8, seed=7
     )
     stream = AmpClient(server.url).stream(STREAM_LOGS)
-    mirror = Mirror()
+    events, mirror = iter(stream), Mirror()
+    for event in events:
+        mirror.apply(event)
+        if isinstance(event, Checkpoint) and len(mirror.of(Reorg)) >= 4:
+            break
+    server.pause()  # the chain stands: catch up with its head, then it must equal a batch query over it
+    head = server.chain.head
+    head_hash = normalize_hash(server.chain.view().block_hash(head))
+    while (mirror.watermark.blocks["mainnet"].number, mirror.watermark.blocks["mainnet"].hash) != (head, head_hash):
+        mirror.apply(next(events))
+    stream.close()
+    assert mirror.table().equals(batch_rows(server, head))
+
+
+@pytest.mark.parametrize(("depth", "length"), [(10, 3), (4, 12)], ids=["shorter", "longer"])
+def test_reorg_to_a_shorter_or_longer_chain(devserver, depth, length):
+    server = devserver(blocks=60, microbatch_blocks=10)
+    head = 60 - depth + length - 1
+    stream, mirror, forked = AmpClient(server.url).stream(STREAM_LOGS), Mirror(), False
     for event in stream:
         mirror.apply(event)
-        if isinstance(event, Checkpoint) and len(mirror.of(Reorg)) >= 3:
+        if isinstance(event, Checkpoint) and event.position.blocks["mainnet"].number == 59 and not forked:
+            forked = server.reorg(depth, length) == 60 - depth
+        elif isinstance(event, Checkpoint) and forked and event.position.blocks["mainnet"].number == head:
             stream.close()
-            break
-    server.shutdown()  # freeze the chain, then compare with what it holds
-    end = mirror.watermark.blocks["mainnet"].number
-    view = server.chain.view()
-    if view.locate(end, bytes.fromhex(mirror.watermark.blocks["mainnet"].hash[2:])) == end + 1:
-        assert_mirrors(mirror, server, 0, end)
-    else:  # the very last checkpoint was forked away after we stopped: everything before the fork must match
-        fork = view.locate(end, bytes.fromhex(mirror.watermark.blocks["mainnet"].hash[2:]))
-        got = mirror.table().filter(pa.compute.less(mirror.table()["_block_num"], fork))
-        assert got.equals(canonical(server, 0, fork - 1))
+    (reorg,) = mirror.of(Reorg)
+    assert (reorg.first_block, reorg.last_block) == (60 - depth, max(59, min(head, 60 - depth + 9)))  # one microbatch
+    assert mirror.watermark.blocks["mainnet"].number == head
+    # a shorter chain: rows of the orphaned blocks above the new head are gone, not kept
+    assert mirror.table().column("_block_num").to_numpy().max() <= head
+    assert mirror.table().equals(batch_rows(server, head))
+
+
+@pytest.mark.parametrize("after", [1, 3])
+def test_a_drop_inside_a_microbatch_rewinds_it(devserver, after):
+    server = devserver(blocks=3000, microbatch_blocks=1000)
+    server.inject(Fault("drop", microbatch=1, after_batches=after))
+    stream = AmpClient(server.url, stream_retry=FAST).stream(STREAM_LOGS)
+    mirror = follow(stream, Mirror(), until_block=2999)
+    assert stream.reconnects == 1
+    (rewind,) = mirror.of(Rewind)
+    assert rewind.first_block == 1000
+    before = mirror.events[: mirror.events.index(rewind)]
+    assert [type(e).__name__ for e in before[-after:]] == ["Data"] * after  # data of an unfinished microbatch
+    assert before[-after - 1].ranges[0].end == 999  # ...that followed the first microbatch's checkpoint
+    assert mirror.table().equals(batch_rows(server, 2999))
+
+
+def test_a_new_server_with_the_same_seed_on_the_same_port_continues_the_stream(devserver):
+    first = devserver(blocks=30, microbatch_blocks=10, seed=11)
+    port = first.port
+    first.inject(Fault("slow", delay=0.15))  # room to stop the server between a microbatch's data and its marker
+    stream = AmpClient(first.url, stream_retry=RetryPolicy(attempts=40, initial_delay=0.05, max_delay=0.2))
+    stream = stream.stream(STREAM_LOGS)
+    servers: list = []
+
+    def restart() -> None:
+        first.shutdown()  # the stream is cut inside microbatch 10..19
+        servers.append(devserver(location=f"grpc://127.0.0.1:{port}", blocks=45, microbatch_blocks=10, seed=11))
+
+    mirror, restarter = Mirror(), threading.Thread(target=restart)
+    for event in stream:
+        mirror.apply(event)
+        if isinstance(event, Data) and event.ranges[0].start == 10 and not restarter.is_alive() and not servers:
+            restarter.start()
+        if isinstance(event, Checkpoint) and event.position.blocks["mainnet"].number == 44:
+            stream.close()
+    restarter.join()
+    assert stream.reconnects >= 1
+    (rewind,) = mirror.of(Rewind)
+    assert rewind.first_block == 10 and mirror.of(Reorg) == []  # the same canonical chain: no reorg, no gap
+    ends = [(c.ranges[0].start, c.ranges[0].end) for c in mirror.of(Checkpoint)]
+    assert ends == [(0, 9), (10, 19), (20, 29), (30, 39), (40, 44)]
+    assert mirror.table().equals(batch_rows(servers[0], 44))
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
@@ -286,6 +351,43 @@ def test_non_incremental_streaming_sql_is_refused_clearly(devserver):
     assert caught.value.code == "INVALID_ARGUMENT"
     assert "non-incremental operation: Aggregate" in str(caught.value)
     assert "SELECT count(*) FROM eth_rpc.logs" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("sql", "code", "message"),
+    [
+        (
+            "SELECT * FROM eth_rpc.nope",
+            "NOT_FOUND",
+            "table 'eth_rpc.nope' not found: dataset '_/eth_rpc@0.0.0' has no table 'nope' "
+            "(its tables: blocks, logs, transactions)",
+        ),
+        (
+            'SELECT * FROM "_/eth_rpc@0.0.0".blocks b JOIN "_/eth_rpc@0.0.0".nope n ON true',
+            "NOT_FOUND",
+            "table '\"_/eth_rpc@0.0.0\".nope' not found",
+        ),
+        ("SELECT * FROM base_rpc.logs", "NOT_FOUND", "table 'base_rpc.logs' not found: no dataset 'base_rpc'"),
+        (
+            "SELECT * FROM amp.eth_rpc.blocks",
+            "INVALID_ARGUMENT",
+            "catalog-qualified table references are not supported: amp.eth_rpc.blocks",
+        ),
+        (
+            "SELECT * FROM datafusion.eth_rpc.blocks SETTINGS stream = true",
+            "INVALID_ARGUMENT",
+            "catalog-qualified table references are not supported: datafusion.eth_rpc.blocks",
+        ),
+        ("SELECT * FROM logs", "INVALID_ARGUMENT", "unqualified table 'logs': every table must be qualified"),
+    ],
+    ids=["unknown-table", "unknown-table-quoted", "unknown-dataset", "three-part", "three-part-default", "bare"],
+)
+def test_unknown_and_malformed_table_references_are_named(devserver, sql, code, message):
+    server = devserver(blocks=5)
+    with pytest.raises(QueryError) as caught:
+        AmpClient(server.url, query_retry=FAST).query(sql)
+    assert caught.value.code == code and not caught.value.transient
+    assert caught.value.server_message.startswith(message) or message in caught.value.server_message
 
 
 def test_bad_table_and_bad_sql_are_clear_terminal_errors(devserver):

@@ -1,22 +1,25 @@
 """The dev server's control API over HTTP (in the place of amp's admin port): status, new blocks, reorgs, faults.
 
 GET    /healthz                         200 "ok"
-GET    /status                          {"network", "start_block", "head", "head_hash", "forks", "url"}
+GET    /status                          {"network", "start_block", "head", "head_hash", "forks", "paused", "url"}
 POST   /advance?blocks=N                {"head": H}
-POST   /reorg?depth=N                   {"first_block": B}
-POST   /fault?kind=drop&after_batches=3 {"armed": {...}}   (kinds: drop, slow, unavailable, internal)
+POST   /reorg?depth=N[&length=M]        {"first_block": B, "head": H}   (M new blocks replace the last N; M=N default)
+POST   /pause                           {"paused": true, "head": H}     (no new blocks, no random reorgs)
+POST   /resume                          {"paused": false, "head": H}
+POST   /fault?kind=drop&after_batches=3[&microbatch=M]  {"armed": {...}}  (kinds: drop, slow, unavailable, internal)
 DELETE /fault                           {"cleared": true}
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from .server import DevServer, Fault
+from .server import DevServer, Fault, PortInUseError
 
 
 class AdminServer:
@@ -24,7 +27,12 @@ class AdminServer:
 
     def __init__(self, dev: DevServer, host: str = "127.0.0.1", port: int = 1610) -> None:
         self.dev = dev
-        self._http = ThreadingHTTPServer((host, port), _handler(dev))
+        try:
+            self._http = ThreadingHTTPServer((host, port), _handler(dev))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError("control API", host, port) from None
+            raise
         self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
         self._thread.start()
 
@@ -59,13 +67,22 @@ def _handler(dev: DevServer) -> type[BaseHTTPRequestHandler]:
                 if url.path == "/advance":
                     self._send(200, {"head": dev.advance(int(params.get("blocks", 1)))})
                 elif url.path == "/reorg":
-                    self._send(200, {"first_block": dev.reorg(int(params["depth"]))})
+                    length = int(params["length"]) if "length" in params else None
+                    first = dev.reorg(int(params["depth"]), length)
+                    self._send(200, {"first_block": first, "head": dev.chain.head})
+                elif url.path == "/pause":
+                    dev.pause()
+                    self._send(200, {"paused": True, "head": dev.chain.head})
+                elif url.path == "/resume":
+                    dev.resume()
+                    self._send(200, {"paused": False, "head": dev.chain.head})
                 elif url.path == "/fault":
                     fault = Fault(
                         kind=params["kind"],
                         after_batches=int(params.get("after_batches", 0)),
                         delay=float(params.get("delay", 0)),
                         times=int(params.get("times", 1)),
+                        microbatch=int(params["microbatch"]) if "microbatch" in params else None,
                     )
                     dev.inject(fault)
                     self._send(200, {"armed": asdict(fault)})

@@ -430,9 +430,12 @@ class Chain:
     >>> chain = Chain(seed=1, start_block=100, blocks=10)
     >>> chain.head
     109
-    >>> first = chain.reorg(depth=3)   # blocks 107..109 are replaced
-    >>> first
+    >>> chain.reorg(depth=3)             # blocks 107..109 are replaced by a new fork of the same height
     107
+    >>> chain.reorg(depth=5, length=2)   # 105..109 become two new blocks: the head drops to 106
+    105
+    >>> chain.head
+    106
     """
 
     def __init__(
@@ -477,16 +480,29 @@ class Chain:
             self._changed.notify_all()
             return self._head
 
-    def reorg(self, depth: int) -> int:
-        """Replace the last ``depth`` blocks with a new fork of the same height; returns the first new block."""
+    def reorg(self, depth: int, length: int | None = None) -> int:
+        """Replace the last ``depth`` blocks with ``length`` blocks of a new fork; returns the first replaced block.
+
+        ``length`` defaults to ``depth`` (same height); fewer makes the chain shorter (the new head is lower than
+        the old one), more makes it longer, and 0 drops the tip until the chain grows again. The chain always
+        keeps at least one block.
+        """
         with self._changed:
             synced = self._head - self.start_block + 1
             if not 1 <= depth <= synced:
                 raise ValueError(f"reorg depth must be between 1 and {synced} (the synced blocks), got {depth}")
+            length = depth if length is None else length
+            if length < 0 or (length == 0 and depth == synced):
+                low = 1 if depth == synced else 0
+                raise ValueError(
+                    f"reorg length must be at least {low} (the chain keeps at least one block), got {length}"
+                )
             first = self._head - depth + 1
             epoch = max(self._history) + 1
+            # a new segment even when length is 0: blocks produced later at `first` are the new fork's
             self._segments = (*(s for s in self._segments if s.start < first), Segment(first, epoch))
             self._history[epoch] = self._segments
+            self._head = first + length - 1
             self._version += 1
             self._changed.notify_all()
             return first

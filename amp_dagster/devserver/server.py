@@ -7,9 +7,11 @@ amp does, and can be told to misbehave (drop a stream, be slow, be unavailable) 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from ..errors import ConfigError
 from ..flight.protocol import (
     STATEMENT_QUERY_TYPE_URL,
     BatchMetadata,
@@ -36,6 +39,7 @@ from .chain import Chain, ChainView, Segment
 log = logging.getLogger(__name__)
 
 CHUNK_BLOCKS = 1000  # generated rows are cached per aligned chunk of this many blocks
+BATCH_ROWS = 8192  # DataFusion's default batch size, which amp's batches follow (§8)
 MAX_FLIGHT_BYTES = 2 * 1024 * 1024  # amp slices batches to about this size per FlightData (§2)
 
 
@@ -43,7 +47,11 @@ MAX_FLIGHT_BYTES = 2 * 1024 * 1024  # amp slices batches to about this size per 
 class Fault:
     """A failure to inject into the next calls, like the magic queries of the Go ADBC test server.
 
-    - ``drop``: cut the next ``times`` DoGet streams with UNAVAILABLE after ``after_batches`` data batches;
+    - ``drop``: cut the next ``times`` DoGet streams with UNAVAILABLE. Without ``microbatch``, the cut comes
+      before the first data batch that follows ``after_batches`` data batches of the stream (counted across
+      microbatches). With ``microbatch=m``, it comes inside the stream's m-th microbatch (0-based, counted from
+      the start of each DoGet): after ``after_batches`` of that microbatch's data batches, or just before its
+      completion marker if it has fewer, so the client holds rows of a microbatch that never completes;
     - ``slow``: sleep ``delay`` seconds before each batch of the next ``times`` DoGet streams;
     - ``unavailable`` / ``internal``: fail the next ``times`` GetFlightInfo calls with that status.
     """
@@ -52,10 +60,48 @@ class Fault:
     after_batches: int = 0
     delay: float = 0.0
     times: int = 1
+    microbatch: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("drop", "slow", "unavailable", "internal"):
             raise ValueError(f"unknown fault kind {self.kind!r}: use drop, slow, unavailable or internal")
+        if self.after_batches < 0 or self.delay < 0 or self.times < 1:
+            raise ValueError(
+                f"fault after_batches and delay must not be negative and times must be at least 1, got "
+                f"after_batches={self.after_batches}, delay={self.delay}, times={self.times}"
+            )
+        if self.microbatch is not None and (self.kind != "drop" or self.microbatch < 0):
+            raise ValueError(f"microbatch={self.microbatch} applies to drop faults only, as an index >= 0")
+
+
+class PortInUseError(ConfigError):
+    """The dev server or its control API cannot listen: something else holds the port."""
+
+    def __init__(self, service: str, host: str, port: int) -> None:
+        super().__init__(
+            f"the {service} port {port} on {host} is already in use (another amp or dev server?); "
+            "choose another port, or port 0 for a free one"
+        )
+        self.service, self.host, self.port = service, host, port
+
+
+def ensure_free(service: str, host: str, port: int) -> None:
+    """Raise :class:`PortInUseError` if ``host:port`` is taken, before a server library fails obscurely on it."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # the server itself reports an unknown host
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # as servers bind: connections of a just-stopped server in TIME_WAIT do not make the port busy
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUseError(service, host, port) from None
 
 
 class _Call(flight.ServerMiddleware):
@@ -119,6 +165,16 @@ class ChainData:
         return entry
 
 
+def random_reorg(rng: random.Random, synced: int, max_depth: int) -> tuple[int, int]:
+    """The depth (1..max_depth, at most the synced blocks) and new length (1..2*depth) of a random reorg.
+
+    Shorter and longer forks as well as same-height ones: a sync that ignores a reorg then visibly keeps orphaned
+    rows or misses new ones, even on a query that has rows in every block.
+    """
+    depth = rng.randint(1, max(1, min(max_depth, synced)))
+    return depth, rng.randint(1, 2 * depth)
+
+
 def _forks_between(segments: tuple[Segment, ...], first: int, last: int) -> tuple[Segment, ...]:
     """The fork segments that decide blocks ``first..=last`` (a chunk's content and its parent hash)."""
     out = []
@@ -132,12 +188,19 @@ def _forks_between(segments: tuple[Segment, ...], first: int, last: int) -> tupl
 class DevServer(flight.FlightServerBase):
     """A local amp: Flight SQL over a synthetic, deterministic EVM chain that grows, forks and misbehaves on cue.
 
+    The chain is a pure function of ``seed`` and the sequence of operations on it (advances, reorgs): a new
+    server with the same seed serves the same canonical blocks, so a test can kill one and start another on the
+    same port. With ``block_time`` > 0 a miner thread adds a block every ``block_time`` seconds and, with
+    probability ``reorg_probability`` after each block, replaces up to ``max_reorg_depth`` blocks with a new
+    fork of random length (1 to twice the depth), drawn from ``random.Random(seed)``.
+
     >>> server = DevServer(blocks=100, block_time=0.5)          # doctest: +SKIP
     >>> server.url                                                  # doctest: +SKIP
     'grpc://127.0.0.1:40123'
-    >>> server.reorg(depth=5)                                      # doctest: +SKIP
+    >>> server.reorg(depth=5, length=2)                            # doctest: +SKIP
     95
-    >>> server.inject(Fault("drop", after_batches=3))              # doctest: +SKIP
+    >>> server.pause()       # the chain stands still: a batch query now gives the canonical result  # doctest: +SKIP
+    >>> server.inject(Fault("drop", microbatch=1, after_batches=3))  # doctest: +SKIP
     >>> server.shutdown()                                          # doctest: +SKIP
     """
 
@@ -168,9 +231,17 @@ class DevServer(flight.FlightServerBase):
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._mining = threading.Lock()  # held for each miner step, so pause() returns between steps
+        self._paused = False
         self._tls = bool(tls_certificates)
-        super().__init__(location, middleware={"call": _CallFactory(token)}, tls_certificates=tls_certificates)
-        self._host = location.split("://", 1)[-1].rsplit(":", 1)[0] or "127.0.0.1"
+        self._host, port = _host_port(location)
+        ensure_free("Flight", self._host.strip("[]"), port)
+        try:
+            super().__init__(location, middleware={"call": _CallFactory(token)}, tls_certificates=tls_certificates)
+        except pa.ArrowException:
+            # lost a race for the port: say so rather than gRPC's "did not start properly"
+            ensure_free("Flight", self._host.strip("[]"), port)
+            raise
         self._miner = None
         if block_time > 0:
             self._miner = threading.Thread(
@@ -184,14 +255,35 @@ class DevServer(flight.FlightServerBase):
     def url(self) -> str:
         return f"grpc{'+tls' if self._tls else ''}://{self._host}:{self.port}"
 
-    def reorg(self, depth: int) -> int:
-        """Replace the last ``depth`` blocks with a new fork; returns the first replaced block."""
-        first = self.chain.reorg(depth)
-        log.info("reorg of depth %d: blocks from %d replaced", depth, first)
+    def reorg(self, depth: int, length: int | None = None) -> int:
+        """Replace the last ``depth`` blocks with ``length`` blocks of a new fork (default: as many); returns the
+        first replaced block. A shorter fork lowers the head, a longer one raises it (see :meth:`Chain.reorg`)."""
+        first = self.chain.reorg(depth, length)
+        log.info("reorg of depth %d: blocks from %d replaced, head now %d", depth, first, self.chain.head)
         return first
 
     def advance(self, blocks: int = 1) -> int:
+        """Add ``blocks`` blocks now (also while paused); returns the new head."""
         return self.chain.advance(blocks)
+
+    def pause(self) -> None:
+        """Stop the miner: no new blocks and no random reorgs until :meth:`resume`.
+
+        When it returns, no miner step is under way, so ``chain.view()`` and a batch query over the same SQL give
+        the canonical chain's result, the reference a streamed destination must equal. Explicit ``advance`` and
+        ``reorg`` calls still apply. A server without a miner (``block_time=0``) stands still anyway.
+        """
+        with self._mining:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Let the miner go on where it stopped; its random draws continue the same seeded sequence."""
+        with self._mining:
+            self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def inject(self, fault: Fault) -> None:
         with self._lock:
@@ -219,6 +311,7 @@ class DevServer(flight.FlightServerBase):
             "head": view.head,
             "head_hash": normalize_hash(view.block_hash(view.head)) if view.head >= view.start_block else None,
             "forks": len(view.history) - 1,
+            "paused": self._paused,
             "url": self.url,
         }
 
@@ -229,10 +322,12 @@ class DevServer(flight.FlightServerBase):
     def _mine(self, block_time: float, reorg_probability: float, max_depth: int, seed: int) -> None:
         rng = random.Random(seed)
         while not self._stopping.wait(block_time):
-            self.chain.advance(1)
-            if reorg_probability and rng.random() < reorg_probability:
-                synced = self.chain.head - self.chain.start_block + 1
-                self.reorg(rng.randint(1, max(1, min(max_depth, synced))))
+            with self._mining:
+                if self._paused:
+                    continue
+                self.chain.advance(1)
+                if reorg_probability and rng.random() < reorg_probability:
+                    self.reorg(*random_reorg(rng, self.chain.head - self.chain.start_block + 1, max_depth))
 
     # -- RPCs ----------------------------------------------------------------------------------------------
 
@@ -253,7 +348,7 @@ class DevServer(flight.FlightServerBase):
         query = decode_statement_query(message)
         with _status():
             prepared = sql.prepare(query, call.header("amp-stream"))
-            frame, _ = sql.plan(self._planning_context(), prepared)
+            frame, _ = sql.plan(self._planning_context(), prepared, self.dataset)
         cursor = _parse_cursor(call.header("amp-resume"))  # amp ignores a malformed cursor silently
         ticket = json.dumps({"query": query, "streaming": prepared.streaming, "cursor": cursor}).encode()
         endpoint = flight.FlightEndpoint(ticket, [])
@@ -266,12 +361,13 @@ class DevServer(flight.FlightServerBase):
         except (ValueError, KeyError, TypeError) as exc:
             raise pa.ArrowInvalid(f"ticket decoding error: {exc}") from None
         with _status():
-            frame, optimized = sql.plan(self._planning_context(), prepared)
+            frame, optimized = sql.plan(self._planning_context(), prepared, self.dataset)
             schema = frame.schema()
             tables = sql.referenced_tables(frame, optimized)
             if prepared.streaming:
                 start = self._stream_start(optimized, schema, spec.get("cursor"))
-                batches = self._stream(context, prepared, schema, tables, start)
+                per_block = schemas.BLOCK_NUM not in schema.names and not sql.keeps_block_order(optimized)
+                batches = self._stream(context, prepared, schema, tables, start, per_block)
             else:
                 batches = self._batch(prepared, schema, tables)
         return flight.GeneratorStream(schema, self._with_faults(batches))
@@ -287,10 +383,10 @@ class DevServer(flight.FlightServerBase):
         sent = False
         for batch in self._execute(prepared, schema, data, partitions=None):
             sent = True
-            yield batch, data_meta
+            yield batch, data_meta, False
         if not sent:  # amp still sends one (empty) data batch before the marker
-            yield _empty(schema), data_meta
-        yield _empty(schema), final_meta
+            yield _empty(schema), data_meta, False
+        yield _empty(schema), final_meta, True
 
     # -- streaming queries ---------------------------------------------------------------------------------
 
@@ -320,11 +416,13 @@ class DevServer(flight.FlightServerBase):
         restart = view.locate(ref.number, bytes.fromhex(ref.hash[2:]))
         return ref.number if restart is None else restart  # an unknown hash restarts at the cursor block itself
 
-    def _stream(self, context, prepared: sql.Prepared, schema: pa.Schema, tables: set[str], start: int) -> Iterator:
+    def _stream(
+        self, context, prepared: sql.Prepared, schema: pa.Schema, tables: set[str], start: int, per_block: bool
+    ) -> Iterator:
         last: tuple[int, bytes] | None = None  # (number, hash) of the previous microbatch's end
         view = self.chain.view()
         if view.head < view.start_block:  # nothing synced: amp sends one empty marker and closes
-            yield _empty(schema), BatchMetadata((), True).encode()
+            yield _empty(schema), BatchMetadata((), True).encode(), True
             return
         while not self._stopping.is_set():
             if context.is_cancelled():
@@ -340,14 +438,45 @@ class DevServer(flight.FlightServerBase):
             block_range = self._range(view, start, end)
             data_meta = BatchMetadata((block_range,), False).encode()
             if self.keepalive:  # amp's keep-alive timer ticks once as a microbatch starts
-                yield _empty(schema), data_meta
-            data = {name: self.data.rows(view, name, start, end) for name in tables}
-            for batch in self._execute(prepared, schema, data, partitions=1):
-                yield batch, data_meta
-            yield _empty(schema), BatchMetadata((block_range,), True).encode()
+                yield _empty(schema), data_meta, False
+            for batch in self._microbatch(view, prepared, schema, tables, start, end, per_block):
+                yield batch, data_meta, False
+            yield _empty(schema), BatchMetadata((block_range,), True).encode(), True
             last = (end, view.block_hash(end))
             start = end + 1
         raise flight.FlightUnavailableError("the dev server is shutting down")
+
+    def _microbatch(
+        self,
+        view: ChainView,
+        prepared: sql.Prepared,
+        schema: pa.Schema,
+        tables: set[str],
+        start: int,
+        end: int,
+        per_block: bool,
+    ) -> Iterator[pa.RecordBatch]:
+        """The rows of blocks ``start..=end``, ordered by block as amp orders them (§2).
+
+        amp sorts by ``_block_num`` and drops it when not selected. A query without it whose plan does not keep
+        the scan's order (UNION ALL, joins, aggregates) runs block by block here instead, so joins match rows of
+        the same block only; its outputs are gathered into batches of up to BATCH_ROWS rows.
+        """
+        if not per_block:
+            data = {name: self.data.rows(view, name, start, end) for name in tables}
+            yield from self._execute(prepared, schema, data, partitions=1)
+            return
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for number in range(start, end + 1):
+            data = {name: self.data.rows(view, name, number, number) for name in tables}
+            for batch in self._execute(prepared, schema, data, partitions=1):
+                if batch.num_rows:
+                    pending.append(batch)
+                    rows += batch.num_rows
+            if rows >= BATCH_ROWS or (number == end and pending):
+                yield from _slices(pa.concat_batches(pending))
+                pending, rows = [], 0
 
     # -- shared --------------------------------------------------------------------------------------------
 
@@ -369,16 +498,30 @@ class DevServer(flight.FlightServerBase):
                 raise
             raise flight.FlightInternalError(f"query execution error | Caused by: {exc}") from None
 
-    def _with_faults(self, batches: Iterator) -> Iterator:
+    def _with_faults(self, batches: Iterator) -> Iterator[tuple[pa.RecordBatch, bytes]]:
+        """The (batch, app_metadata) pairs to send, cut or slowed by an armed fault, and cut at shutdown."""
         fault = self._take_fault("drop", "slow")
-        sent = 0
-        for item in batches:
+        sent = microbatch = in_microbatch = 0  # data batches of the stream; microbatch index; its data batches
+        for batch, metadata, complete in batches:
             if fault is not None and fault.kind == "slow":
                 time.sleep(fault.delay)
-            if fault is not None and fault.kind == "drop" and item[0].num_rows and sent >= fault.after_batches:
-                raise flight.FlightUnavailableError("injected fault: the stream was dropped")
-            sent += 1 if item[0].num_rows else 0
-            yield item
+            if self._stopping.is_set():  # as a killed server would: mid-microbatch if need be
+                raise flight.FlightUnavailableError("the dev server is shutting down")
+            if fault is not None and fault.kind == "drop":
+                if fault.microbatch is None:
+                    cut = batch.num_rows > 0 and sent >= fault.after_batches
+                else:
+                    due = complete or (batch.num_rows > 0 and in_microbatch >= fault.after_batches)
+                    cut = microbatch == fault.microbatch and due
+                if cut:
+                    raise flight.FlightUnavailableError("injected fault: the stream was dropped")
+            if batch.num_rows:
+                sent += 1
+                in_microbatch += 1
+            if complete:
+                microbatch += 1
+                in_microbatch = 0
+            yield batch, metadata
 
     def _planning_context(self):
         return sql.context(self.dataset, self._empty_tables())
@@ -413,6 +556,15 @@ def _slices(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
         yield batch.slice(offset, step)
 
 
+def _host_port(location: str) -> tuple[str, int]:
+    """Host (as written, brackets kept) and port of a ``grpc://host:port`` location; port 0 when none is given."""
+    netloc = location.split("://", 1)[-1]
+    host, colon, port = netloc.rpartition(":")
+    if not colon or not port.isdigit():
+        return netloc or "127.0.0.1", 0
+    return host or "127.0.0.1", int(port)
+
+
 def _parse_cursor(header: str | None) -> dict | None:
     if not header:
         return None
@@ -433,6 +585,6 @@ class _status:
             if exc.code == "INTERNAL":
                 raise flight.FlightInternalError(str(exc)) from None
             if exc.code == "NOT_FOUND":
-                raise KeyError(str(exc)) from None
+                raise pa.ArrowKeyError(str(exc)) from None
             raise pa.ArrowInvalid(str(exc)) from None
         return False

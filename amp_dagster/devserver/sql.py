@@ -23,6 +23,12 @@ _INCREMENTAL_NODES = {
     "EmptyRelation",
 }
 _STREAMABLE_JOINS = {"Inner", "LeftSemi", "RightSemi"}
+# plans made only of these nodes, over at most one scan, emit rows in the scan's (block) order on one partition
+_ORDER_KEEPING_NODES = {"Projection", "Filter", "TableScan", "SubqueryAlias", "Unnest", "Values", "EmptyRelation"}
+# DataFusion's default catalog and schema, renamed to names no query uses: a table name that resolves outside the
+# catalog was written with three parts, one that lands in the schema was written bare; amp refuses both (§6)
+CATALOG = "amp devserver"
+BARE_SCHEMA = "unqualified"
 
 
 class QueryError(Exception):
@@ -88,9 +94,11 @@ def context(dataset: Dataset, tables: Mapping[str, Iterable[pa.RecordBatch]], pa
     from datafusion import SessionConfig, SessionContext
     from datafusion.catalog import Schema
 
-    config = SessionConfig().with_target_partitions(partitions) if partitions else SessionConfig()
+    config = SessionConfig().with_default_catalog_and_schema(CATALOG, BARE_SCHEMA)
+    if partitions:
+        config = config.with_target_partitions(partitions)
     ctx = SessionContext(config)
-    catalog = ctx.catalog()
+    catalog = ctx.catalog(CATALOG)
     for alias in dataset.aliases():
         catalog.register_schema(alias, Schema.memory_schema())
         quoted = '"' + alias.replace('"', '""') + '"'
@@ -103,13 +111,13 @@ def _empty(name: str) -> list[pa.RecordBatch]:
     return [pa.RecordBatch.from_pylist([], schema=schemas.TABLES[name])]
 
 
-def plan(ctx, prepared: Prepared):
+def plan(ctx, prepared: Prepared, dataset: Dataset):
     """Plan the query (nothing executes); DataFusion's errors become amp's status codes and messages."""
     try:
         frame = ctx.sql(prepared.text)
         optimized = frame.optimized_logical_plan()
     except Exception as exc:
-        raise _planning_error(exc) from None
+        raise _planning_error(exc, dataset) from None
     for name in frame.schema().names:
         if name.startswith("_") and name != schemas.BLOCK_NUM:
             raise QueryError(
@@ -118,16 +126,52 @@ def plan(ctx, prepared: Prepared):
     return frame, optimized
 
 
-def _planning_error(exc: Exception) -> QueryError:
+def _planning_error(exc: Exception, dataset: Dataset) -> QueryError:
     text = str(exc).strip()
-    found = re.search(r"table '(?:datafusion\.)?([^']+)' not found", text)
+    found = re.search(r"table '([^']+)' not found", text)
     if found:
-        return QueryError("INTERNAL", f"error creating logical catalog | Caused by: table {found.group(1)!r} not found")
+        return _unknown_table(found.group(1), dataset)
     if "ParserError" in text or text.startswith("SQL error"):
         return QueryError("INVALID_ARGUMENT", f"SQL parse error: {text}")
     if "only supports a single SQL statement" in text:
         return QueryError("INVALID_ARGUMENT", "invalid query: exactly one SQL statement is allowed")
     return QueryError("INVALID_ARGUMENT", f"invalid plan: {text}")
+
+
+def _unknown_table(resolved: str, dataset: Dataset) -> QueryError:
+    """amp's refusal of a table reference DataFusion could not resolve, told apart by where it resolved to."""
+    full = f"{dataset.namespace}/{dataset.name}@{dataset.revision}"
+    example = f'{dataset.name}.blocks or "{full}".blocks'
+    if not resolved.startswith(CATALOG + "."):
+        return QueryError(
+            "INVALID_ARGUMENT",
+            "Failed to resolve table references from SQL | Caused by: catalog-qualified table references are not "
+            f"supported: {resolved}; name a dataset and a table, as in {example}",
+        )
+    schema, _, table = resolved[len(CATALOG) + 1 :].rpartition(".")
+    name = f"{schema}.{table}" if re.fullmatch(r"[a-z_][a-z0-9_]*", schema) else f'"{schema}".{table}'  # as written
+    if schema == BARE_SCHEMA:
+        return QueryError(
+            "INVALID_ARGUMENT",
+            f"unqualified table '{table}': every table must be qualified with a dataset, as in {dataset.name}.{table}",
+        )
+    if schema not in dataset.aliases():
+        return QueryError(
+            "NOT_FOUND",
+            f"table '{name}' not found: no dataset '{schema}' (this server serves \"{full}\", "
+            f"also named {dataset.name})",
+        )
+    return QueryError(
+        "NOT_FOUND",
+        f"table '{name}' not found: dataset '{full}' has no table '{table}' "
+        f"(its tables: {', '.join(sorted(schemas.TABLES))})",
+    )
+
+
+def keeps_block_order(optimized) -> bool:
+    """Whether the plan emits rows in the order of its one table scan, i.e. sorted by block, on one partition."""
+    kinds = [type(node.to_variant()).__name__ for node in _walk(optimized)]
+    return set(kinds) <= _ORDER_KEEPING_NODES and kinds.count("TableScan") <= 1
 
 
 def referenced_tables(frame, optimized) -> set[str]:
