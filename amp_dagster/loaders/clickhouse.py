@@ -39,23 +39,24 @@ before each commit step that it still holds the lock and stops with a TransientE
 Range replace (``write(replace=...)``). All batches are checked, converted and inserted into a staging table
 ``<table>__amp_stage_<hex>`` (``CREATE TABLE ... AS`` the table); a failure up to here drops it and leaves the table
 as it was. The commit point is one ``ALTER TABLE stage MODIFY COMMENT`` that records the range in the stage (its
-journal). Then the range is deleted (a lightweight ``DELETE``, visible when it returns) and the staged parts are
-attached with ``ATTACH PARTITION ALL FROM stage`` (hard links: the rows are written once), and the stage is dropped.
+journal). Then the range is deleted (a lightweight ``DELETE``, visible when it returns), the staged parts are
+attached with ``ATTACH PARTITION ALL FROM stage`` (hard links: the rows are written once) and the stage is dropped.
 A concurrent reader sees the old rows until the DELETE returns, the new rows once the ATTACH returns, and between
 the two (the few milliseconds of the ATTACH) no rows of the range: ClickHouse has no multi-statement transaction,
 so ``capabilities.atomic_replace_range`` is False. After an exception or a SIGKILL past the commit point, the range
-may be old, empty or new until the next writer takes the lock: every write, delete, ``ensure_table`` and
-``replace_table`` first completes each journaled stage (the DELETE and the ATTACH again: the staged rows all lie in
-the range, so repeating them is exact) and drops every other stage, all of them dead since their writers held the
-lock. So once a writer has held the lock, a replace has left the old rows or the new rows of its range, never
-neither and never both. ``replace_table`` fills a stage created for the new schema and swaps it in with
-``EXCHANGE TABLES`` (``RENAME`` for a new table); a failure or a kill before the swap leaves the old table intact,
-and a stage left by a killed writer (before or after its swap) is dropped by the next one.
+holds the old rows, none, or (some of) the new rows until the next writer takes the lock: every write, delete,
+upsert, ``ensure_table`` and ``replace_table`` first completes each journaled stage (the DELETE and the ATTACH
+again: the staged rows all lie in the range, so repeating them is exact) and drops every other stage, all of them
+dead since their writers held the lock. So once the next writer has held the lock, a replace has left the old rows
+or the new rows of its range, never neither and never both. ``replace_table`` fills a stage created for the new
+schema and swaps it in with ``EXCHANGE TABLES`` (``RENAME`` for a new table); a failure or a kill before the swap
+leaves the old table intact, and a stage left by a killed writer (before or after its swap) is dropped by the next.
 
 Tables amp_dagster did not create (no schema in the comment) are compared by ClickHouse type, with the table's
 nullability; ``ensure_table`` adopts one whose comment is empty by writing the schema into it. Identifiers are
-backquoted with the driver's ``escape_str``; values are bound server-side (``{lo:UInt64}``), except the table
-COMMENT, which DDL takes only as a literal (the driver's ``format_str``).
+backquoted with the driver's ``escape_str``; values are bound server-side (range bounds in the range column's own
+type, ``{lo:UInt64}``), except COMMENTs, which DDL takes only as literals (the driver's ``format_str``). Table names
+ending in ``__amp_lock_<n>`` or ``__amp_stage_<hex>`` are refused: they are the loader's own.
 """
 
 from __future__ import annotations
@@ -383,7 +384,8 @@ class ClickHouseLoader(Loader):
                 with suppress(Exception):  # the write's own error is the one to report; the next writer drops it
                     self._drop(stage)
                 raise
-            self._drop(stage)  # the old table, since the exchange
+            with suppress(Exception):  # the refresh is done; the next writer drops what is left of the old table
+                self._drop(stage)  # the old table, since the exchange
             return result
 
     def upsert(self, table: TableRef, data: ArrowData) -> WriteResult:
@@ -439,7 +441,7 @@ class ClickHouseLoader(Loader):
         beating = threading.Thread(target=self._beat, args=(hold,), name="amp-clickhouse-lock", daemon=True)
         beating.start()
         try:
-            self._recover(table, stages)
+            self._recover(table, hold, stages)
             yield hold
         finally:
             self._local.tag = None
@@ -508,10 +510,10 @@ class ClickHouseLoader(Loader):
 
     def _dead(self, lock: _Sibling, seen: dict[str, tuple[str, float]]) -> bool:
         """Whether the lock's owner is dead: its process is gone from this host, or its comment (heartbeat) has
-        not changed for ``lock_lease`` seconds of this writer's watching (no clocks compared across hosts)."""
-        alive = _alive(lock.owner)
-        if alive is not None:
-            return not alive
+        not changed for ``lock_lease`` seconds of this writer's watching (no clocks compared across hosts; a live
+        but silent owner counts as dead too, and finds out at its next commit step)."""
+        if _alive(lock.owner) is False:
+            return True
         comment, since = seen.get(lock.name, (None, 0.0))
         if comment != lock.comment:
             seen[lock.name] = (lock.comment, time.monotonic())
@@ -551,9 +553,10 @@ class ClickHouseLoader(Loader):
                     hold.lost = f"its heartbeat failed for {time.monotonic() - last:.1f}s ({exc})"
                     return
 
-    def _check_held(self, hold: _Hold) -> None:
-        """Before a commit step: the lock is still this writer's (its heartbeat works and no one took it over)."""
-        if not hold.lost:
+    def _check_held(self, hold: _Hold, *, ask: bool = True) -> None:
+        """Before a step that changes the table: the lock is still this writer's (its heartbeat works and, with
+        ``ask``, no one took it over while this process stood still)."""
+        if ask and not hold.lost:
             locks = self._siblings(hold.table)[0]
             if not locks or locks[-1].owner.get("owner") != hold.owner["owner"]:
                 hold.lost = f"its lock {hold.lock.name} was taken over"
@@ -564,7 +567,7 @@ class ClickHouseLoader(Loader):
                 "partly stored."
             )
 
-    def _recover(self, table: TableRef, stages: list[_Sibling]) -> None:
+    def _recover(self, table: TableRef, hold: _Hold, stages: list[_Sibling]) -> None:
         """Under the lock every stage is dead: complete the committed range replaces, drop the rest."""
         for found in stages:
             stage = self._sibling(table, found.name)
@@ -572,17 +575,18 @@ class ClickHouseLoader(Loader):
             meta = None if journal is None else self._meta(table)
             if journal is not None and meta is not None:
                 column, rows = journal
-                self._apply(dataclasses.replace(table, range_column=column), meta, stage, rows)
+                self._apply(dataclasses.replace(table, range_column=column), meta, stage, rows, hold)
             else:
                 self._drop(stage)
 
-    def _apply(self, table: TableRef, meta: _Meta, stage: TableRef, rows: RowRange, hold: _Hold | None = None):
+    def _apply(self, table: TableRef, meta: _Meta, stage: TableRef, rows: RowRange, hold: _Hold) -> None:
         """Move a committed stage in: delete the range, attach the staged parts, drop the stage. Every step may be
         repeated after a crash: the staged rows all lie in the range, so a second DELETE removes the ones a first
-        ATTACH brought in, and a second ATTACH brings them all."""
-        if hold is not None:
-            self._check_held(hold)
+        ATTACH brought in, and a second ATTACH brings them all. A writer that lost the lock stops: the writer that
+        took it completes the stage, and two writers repeating the steps at once could attach the rows twice."""
+        self._check_held(hold, ask=False)
         self._delete(table, meta, rows)
+        self._check_held(hold, ask=False)
         self._command(table, f"ALTER TABLE {self._q(table)} ATTACH PARTITION ALL FROM {self._q(stage)}")
         self._drop(stage)
 
@@ -703,8 +707,7 @@ class ClickHouseLoader(Loader):
         pending = (self._converted(table, target, batch) for batch in tally.count(batches))
         batch, commits = next(pending, None), 0
         while batch is not None:
-            if hold.lost:
-                self._check_held(hold)
+            self._check_held(hold, ask=False)
             body = _ipc_stream(batch, pending, self._insert_rows)
             self._run(
                 lambda c, q, body=body: c.raw_insert(
