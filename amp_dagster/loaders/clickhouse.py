@@ -40,7 +40,8 @@ Range replace (``write(replace=...)``). All batches are checked, converted and i
 ``<table>__amp_stage_<hex>`` (``CREATE TABLE ... AS`` the table); a failure up to here drops it and leaves the table
 as it was. The commit point is one ``ALTER TABLE stage MODIFY COMMENT`` that records the range in the stage (its
 journal). Then the range is deleted (a lightweight ``DELETE``, visible when it returns), the staged parts are
-attached with ``ATTACH PARTITION ALL FROM stage`` (hard links: the rows are written once) and the stage is dropped.
+attached with ``ATTACH PARTITION ALL FROM stage`` (hard links, so the rows are written once; ``ALL`` needs a recent
+server: tested on 26.9) and the stage is dropped.
 A concurrent reader sees the old rows until the DELETE returns, the new rows once the ATTACH returns, and between
 the two (the few milliseconds of the ATTACH) no rows of the range: ClickHouse has no multi-statement transaction,
 so ``capabilities.atomic_replace_range`` is False. After an exception or a SIGKILL past the commit point, the range
@@ -63,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -169,6 +171,7 @@ class _Hold:
     epoch: int
     owner: dict[str, Any]
     lost: str = ""  # why the lock may be lost, set by the heartbeat
+    tag: str = ""  # the query_id prefix of statements under this lock
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -237,7 +240,7 @@ class ClickHouseLoader(Loader):
         # stream, which hold a chdb client's handle for as long as they run
         self._conns: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()  # the query_id prefix of the lock this thread holds
+        self._local = threading.local()  # the lock this thread holds, if any
         self._default_db: str | None = None
 
     # -- connection and errors -----------------------------------------------------------------------------
@@ -265,19 +268,29 @@ class ClickHouseLoader(Loader):
         writer taking over a dead owner's lock can kill what it left running on a server."""
         from clickhouse_connect.driver.exceptions import ClickHouseError
 
-        client, tag = self._client(role), getattr(self._local, "tag", None)
+        client, hold, tries = self._client(role), getattr(self._local, "hold", None), 0
 
         def attempt():
-            return fn(client, {"query_id": f"{tag}-{uuid.uuid4().hex[:12]}"} if tag else {})
+            nonlocal tries
+            tries += 1
+            if tries > 1 and hold is not None and role == "data":
+                self._check_held(hold)  # a retry is a new step: sent only while the lock is still this writer's
+            return fn(client, {"query_id": f"{hold.tag}-{uuid.uuid4().hex[:12]}"} if hold else {})
 
         with self._translating(table, errors=ClickHouseError):
             if not retry:
                 return attempt()
             return retry_call(attempt, self._retry, _is_transient, f"ClickHouse {what} on {table}")
 
-    def _command(self, table: TableRef | None, sql: str, params: dict | None = None, settings: dict | None = None):
+    def _command(
+        self, table: TableRef | None, sql: str, params: dict | None = None, settings: dict | None = None, retry=True
+    ):
+        """Run a statement; ``retry=False`` for one that must not run twice when an answer is lost."""
         return self._run(
-            lambda c, q: c.command(sql, parameters=params, settings={**(settings or {}), **q}), table, "command"
+            lambda c, q: c.command(sql, parameters=params, settings={**(settings or {}), **q}),
+            table,
+            "command",
+            retry=retry,
         )
 
     def _rows(self, table: TableRef | None, sql: str, params: dict | None = None, role: str = "data") -> list[tuple]:
@@ -336,8 +349,14 @@ class ClickHouseLoader(Loader):
                 return self._append(table, meta, schema, batches, hold)
             self._range_type(table, meta, replace)
             self._check(table, meta, schema, can_add=False)
+            first = next(batches, None)
+            if first is None:  # nothing to write: the replace is a delete, one statement, no stage needed
+                self._check_held(hold)
+                self._delete(table, meta, replace)
+                return Tally().result(0)
+            batches = itertools.chain([first], batches)
             stage = self._stage(table)
-            self._command(stage, f"CREATE TABLE {self._q(stage)} AS {self._q(table)}")  # same parts layout
+            self._command(stage, f"CREATE TABLE IF NOT EXISTS {self._q(stage)} AS {self._q(table)}")  # same layout
             try:
                 result = self._append(stage, meta, schema, batches, hold)
                 self._check_held(hold)
@@ -379,7 +398,9 @@ class ClickHouseLoader(Loader):
                 result = self._append(stage, self._require(stage), schema, batches, hold)
                 self._check_held(hold)
                 verb = "RENAME TABLE {} TO {}" if self._meta(table) is None else "EXCHANGE TABLES {} AND {}"
-                self._command(table, verb.format(self._q(stage), self._q(table)))
+                # not retried: a second EXCHANGE would swap the old table back; when the answer is lost, the
+                # stage name holds either table, and dropping it below leaves the table old or new
+                self._command(table, verb.format(self._q(stage), self._q(table)), retry=False)
             except BaseException:
                 with suppress(Exception):  # the write's own error is the one to report; the next writer drops it
                     self._drop(stage)
@@ -437,14 +458,15 @@ class ClickHouseLoader(Loader):
                 "own lock and staging tables. Choose another table name."
             )
         hold, stages = self._acquire(table, existing)
-        self._local.tag = self._tag(table) + hold.owner["owner"]
+        hold.tag = self._tag(table) + hold.owner["owner"]
+        self._local.hold = hold
         beating = threading.Thread(target=self._beat, args=(hold,), name="amp-clickhouse-lock", daemon=True)
         beating.start()
         try:
             self._recover(table, hold, stages)
             yield hold
         finally:
-            self._local.tag = None
+            self._local.hold = None
             hold.stop.set()
             beating.join()
             # a free lock lets the next writer in at once; if marking it fails, it is taken over after its lease
@@ -454,16 +476,16 @@ class ClickHouseLoader(Loader):
     def _acquire(self, table: TableRef, existing: bool) -> tuple[_Hold, list[_Sibling]]:
         token = uuid.uuid4().hex
         owner = {"owner": token, **_process()}
-        deadline, pause, seen, superseded = time.monotonic() + self.lock_wait, 0.01, {}, None
+        deadline, pause, seen, superseded, tried = time.monotonic() + self.lock_wait, 0.01, {}, None, False
         while True:
             locks, stages, exists = self._siblings(table)
-            if existing and not exists:
+            if existing and not exists and not tried:  # once a lock may be this writer's, _locked releases it
                 raise missing_table(self.store, self.where, table)
             top = locks[-1] if locks else None
             if top is not None and top.owner.get("owner") == token:  # the highest: this writer holds the lock
                 break
             if top is None or top.owner.get("free") or self._dead(top, seen):
-                superseded = top
+                superseded, tried = top, True
                 epoch = 1 if top is None else top.epoch + 1
                 self._create_lock(table, epoch, {**owner, "beat": 0})
                 continue  # held only if it is the highest now
@@ -587,7 +609,8 @@ class ClickHouseLoader(Loader):
         self._check_held(hold, ask=False)
         self._delete(table, meta, rows)
         self._check_held(hold, ask=False)
-        self._command(table, f"ALTER TABLE {self._q(table)} ATTACH PARTITION ALL FROM {self._q(stage)}")
+        # not retried: a second ATTACH would bring the rows in twice; the journal's DELETE and ATTACH make it exact
+        self._command(table, f"ALTER TABLE {self._q(table)} ATTACH PARTITION ALL FROM {self._q(stage)}", retry=False)
         self._drop(stage)
 
     def _tag(self, table: TableRef) -> str:
