@@ -181,8 +181,8 @@ class ClickHouseLoader(Loader):
     Pass a ``dsn`` (``http://host:8123/db``, or ``chdb:///path`` for the in-process engine) or ``host``/``port``/
     ``username``/``password``/``database``; other keywords go to ``clickhouse_connect.get_client``. Without a
     password, ``CLICKHOUSE_PASSWORD`` is used. The client is created on first use, with bounded retries.
-    ``lock_wait`` (seconds) bounds the wait for another writer of the same table; ``lock_lease`` is how long a
-    silent lock owner on another host counts as alive.
+    ``lock_wait`` (seconds) bounds the wait for another writer of the same table; ``lock_lease`` is how long the
+    owner of a lock whose heartbeat stopped counts as alive (one on this host whose process is gone is dead at once).
 
     >>> with ClickHouseLoader("chdb:///var/lib/amp/chdb") as ch:  # doctest: +SKIP
     ...     t = TableRef("logs", namespace="eth", key=("block_num", "log_index"))
@@ -585,8 +585,8 @@ class ClickHouseLoader(Loader):
         if hold.lost:
             raise TransientError(
                 f"ClickHouse {self.where} table {hold.table}: the write stopped because {hold.lost}, so another writer "
-                "may have the table. Run it again: a range replace or full refresh changed nothing, an append may be "
-                "partly stored."
+                "may have the table. Run it again: a range replace or full refresh that stopped before its commit "
+                "changed nothing, an append may be partly stored."
             )
 
     def _recover(self, table: TableRef, hold: _Hold, stages: list[_Sibling]) -> None:

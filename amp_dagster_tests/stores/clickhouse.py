@@ -134,12 +134,14 @@ def crash_worker(path: str, mode: str, gen: str) -> None:
         if mode == "replace":
             loader.write(CRASH_TABLE, crash_rows(g, CRASH_RANGE).to_batches(2_000), replace=CRASH_RANGE)
         else:  # from a source that takes its time, as amp does: the stage lives for most of the refresh
-            loader.replace_table(CRASH_TABLE, _slowly(crash_rows(g, everything).to_batches(2_000)))
+            rows = crash_rows(g, everything)
+            loader.replace_table(CRASH_TABLE, pa.RecordBatchReader.from_batches(rows.schema, _slowly(g, rows)))
         print(json.dumps({"at": "done", "gen": g}), flush=True)
         g += 1
 
 
-def _slowly(batches: list[pa.RecordBatch]):
-    for batch in batches:
+def _slowly(gen: int, rows: pa.Table):
+    print(json.dumps({"at": "reading", "gen": gen}), flush=True)  # the loader asks for the first batch
+    for batch in rows.to_batches(2_000):
         time.sleep(0.03)
         yield batch
