@@ -4,12 +4,28 @@ semantics of upsert, lightweight DELETE visibility, the EXCHANGE TABLES swap, ch
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from amp_dagster.errors import ConfigError, SchemaMismatchError, ServiceUnavailableError, TerminalError
+from amp_dagster.errors import (
+    ConfigError,
+    SchemaMismatchError,
+    ServiceUnavailableError,
+    TerminalError,
+    TransientError,
+)
 from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.clickhouse import ClickHouseLoader
 from amp_dagster.loaders.schema import schema_from_text, schema_to_text
@@ -18,9 +34,10 @@ from amp_dagster.retry import RetryPolicy
 
 from . import data
 from .services import closed_port
-from .stores.clickhouse import CHDB_DSN, ClickHouseHarness, admin
+from .stores.clickhouse import CHDB_DSN, CRASH_ROWS, ClickHouseHarness, admin
 
 LOG_KEY = ("block_num", "log_index")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -46,6 +63,11 @@ def _columns(table: TableRef) -> dict[str, str]:
         .result_rows
     )
     return dict(rows)
+
+
+def _tables(table: TableRef) -> list[str]:
+    query = "SELECT name FROM system.tables WHERE database = {db:String} ORDER BY name"
+    return [name for (name,) in admin().query(query, parameters={"db": table.namespace}).result_rows]
 
 
 def _count(table: TableRef, final: bool = False) -> int:
@@ -318,10 +340,7 @@ def test_replace_table_exchanges_tables_and_leaves_no_staging_behind(store):
     with pytest.raises(RuntimeError, match="source died"):
         loader.replace_table(table, pa.RecordBatchReader.from_batches(old.schema, dying()))
     assert _count(table) == narrower.num_rows
-    tables = admin().query(
-        "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": table.namespace}
-    )
-    assert [r[0] for r in tables.result_rows] == ["logs"]
+    assert _tables(table) == ["logs", "logs__amp_lock_4"]  # and its free lock, the 4th (ensure, write, 2 refreshes)
 
 
 def test_a_failed_drop_of_the_staging_table_keeps_the_writes_error(store, monkeypatch):
@@ -332,7 +351,7 @@ def test_a_failed_drop_of_the_staging_table_keeps_the_writes_error(store, monkey
     command = loader._command
 
     def drop_fails(target, sql, *args, **kwargs):
-        if sql.startswith("DROP TABLE"):
+        if sql.startswith("DROP TABLE") and "__amp_stage_" in sql:
             raise TerminalError("ClickHouse: the DROP failed too")
         return command(target, sql, *args, **kwargs)
 
@@ -435,3 +454,326 @@ def test_password_in_a_dsn_never_reaches_the_error(store):
     with pytest.raises(ServiceUnavailableError, match=f"ClickHouse at 127.0.0.1:{port} is unreachable") as caught:
         loader.read(store.table("logs"))
     assert "s3cret-pw" not in str(caught.value)
+
+
+# -- ranges at the edges of their column's type ----------------------------------------------------------------
+
+
+def test_range_bounds_are_bound_in_the_columns_own_type(store):
+    loader, table = store.loader(), store.table("signed", range_column="cursor")
+    edges = [-(2**63), -1, 0, 2**63 - 2, 2**63 - 1]
+    rows = pa.table({"cursor": pa.array(edges, pa.int64()), "v": pa.array(range(len(edges)))})
+    loader.ensure_table(table, rows.schema)
+    loader.write(table, rows)
+    assert loader.read(table, RowRange(2**63 - 1)).read_all()["cursor"].to_pylist() == [2**63 - 1]
+    assert sorted(loader.read(table, RowRange(0)).read_all()["cursor"].to_pylist()) == [0, 2**63 - 2, 2**63 - 1]
+    for call in (
+        lambda: loader.read(table, RowRange(2**63)),
+        lambda: loader.delete(table, RowRange(0, 2**63)),
+        lambda: loader.write(table, rows.slice(0, 0), replace=RowRange(2**64 - 1)),
+    ):
+        with pytest.raises(TerminalError, match=r"column 'cursor' \(int64\): its (start|end) \d+ lies outside"):
+            call()
+    assert _count(table) == len(edges)
+
+
+def test_a_foreign_tables_range_column_type_comes_from_clickhouse(store):
+    loader, table = store.loader(), store.table("foreign")
+    admin().command(f"CREATE DATABASE IF NOT EXISTS `{table.namespace}`")
+    admin().command(
+        f"CREATE TABLE `{table.namespace}`.foreign (_block_num Nullable(UInt16), v Int64) ENGINE = MergeTree ORDER BY v"
+    )
+    admin().command(f"INSERT INTO `{table.namespace}`.foreign VALUES (1, 1), (65535, 2)")
+    with pytest.raises(TerminalError, match=r"'_block_num' \(uint16\): its start 65536 lies outside 0..=65535"):
+        loader.delete(table, RowRange(65536))
+    assert loader.delete(table, RowRange(65535)) == 1
+    assert _count(table) == 1
+
+
+def test_table_names_of_amp_dagsters_own_tables_are_refused(store):
+    loader = store.loader()
+    for name in ("logs__amp_stage_0a1b2c3d", "logs__amp_lock_12"):
+        with pytest.raises(TerminalError, match=r"amp_dagster's own lock and staging tables"):
+            loader.ensure_table(store.table(name), data.logs(0, 0).schema)
+
+
+# -- a range replace that fails leaves the old rows ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["source", "nulls"])
+def test_a_replace_that_fails_on_a_late_batch_leaves_the_old_rows(store, failure):
+    loader, table = store.loader(insert_rows=100), store.table("logs", key=LOG_KEY)
+    logs = data.logs(0, 99)
+    loader.ensure_table(table, logs.schema)  # amp's schema: data is NOT NULL
+    loader.write(table, logs)
+    forked = data.logs(0, 99, seed=7).to_batches(max_chunksize=60)
+    assert len(forked) > 4
+
+    def late_failure():
+        yield from forked[:4]  # several INSERTs have gone out by now
+        if failure == "source":
+            raise RuntimeError("the source died late")
+        bad = forked[4]
+        holes = pa.array([None] * bad.num_rows, pa.binary())
+        yield bad.set_column(bad.schema.get_field_index("data"), pa.field("data", pa.binary()), holes)
+
+    with pytest.raises((RuntimeError, TerminalError), match=r"died late|column 'data' is not nullable"):
+        loader.write(
+            table, pa.RecordBatchReader.from_batches(forked[0].schema, late_failure()), replace=RowRange(0, 99)
+        )
+    got = loader.read(table).read_all().sort_by([("block_num", "ascending"), ("log_index", "ascending")])
+    assert got.equals(logs.sort_by([("block_num", "ascending"), ("log_index", "ascending")]))
+    assert [t for t in _tables(table) if "__amp_stage_" in t] == []
+
+
+def test_a_replace_stopped_after_its_commit_point_is_completed_by_the_next_writer(store, monkeypatch):
+    loader, table = store.loader(), store.table("logs", key=LOG_KEY)
+    old, new = data.logs(0, 99), data.logs(50, 99, seed=3)
+    loader.ensure_table(table, old.schema)
+    loader.write(table, old)
+    command = loader._command
+
+    def attach_fails(target, sql, *args, **kwargs):
+        if "ATTACH PARTITION" in sql:
+            raise TransientError("ClickHouse: the connection dropped")
+        return command(target, sql, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "_command", attach_fails)
+    with pytest.raises(TransientError, match=r"committed in .*__amp_stage_.*the next write, delete, ensure_table"):
+        loader.write(table, new, replace=RowRange(50, 99))
+    # the old rows of the range are deleted and the new ones wait in the journaled stage
+    assert _count(table, final=True) == _below(old, 50)
+    assert len([t for t in _tables(table) if "__amp_stage_" in t]) == 1
+    store.loader().delete(table, RowRange(1000))  # any next writer completes it first
+    want = pa.concat_tables([old.slice(0, _below(old, 50)), new]).sort_by([("block_num", "ascending")])
+    got = loader.read(table).read_all().sort_by([("block_num", "ascending")])
+    assert got.num_rows == want.num_rows and got.to_pylist() == want.to_pylist()
+    assert [t for t in _tables(table) if "__amp_stage_" in t] == []
+
+
+def _below(table: pa.Table, block: int) -> int:
+    return pc.sum(pc.less(table["_block_num"], block).cast(pa.int64())).as_py()
+
+
+# -- the table lock ----------------------------------------------------------------------------------------
+
+
+def _tagged(tag: str, blocks: RowRange, per_block: int = 3) -> pa.Table:
+    n = blocks.size * per_block
+    return pa.table(
+        {
+            "_block_num": pa.array([blocks.start + i // per_block for i in range(n)], pa.uint64()),
+            "writer": pa.array([tag] * n),
+        }
+    )
+
+
+def _slowly(rows: pa.Table) -> pa.RecordBatchReader:
+    def batches():
+        for batch in rows.to_batches(max_chunksize=60):
+            time.sleep(0.01)  # a source that takes its time, so that two writers overlap
+            yield batch
+
+    return pa.RecordBatchReader.from_batches(rows.schema, batches())
+
+
+def test_two_writers_of_overlapping_ranges_never_interleave(store):
+    first, second, table = store.loader(insert_rows=60), store.loader(insert_rows=60), store.table("rows")
+    ranges = {"a": RowRange(0, 99), "b": RowRange(50, 149)}
+    loader_of = {"a": first, "b": second}
+    first.ensure_table(table, _tagged("a", ranges["a"]).schema)
+    # the two serial outcomes: the later writer holds its whole range, the earlier one the rest of its own
+    a_then_b = ["a"] * 50 + ["b"] * 100
+    b_then_a = ["a"] * 100 + ["b"] * 50
+    for _ in range(8):
+        start, errors = threading.Barrier(2), []
+
+        def replace(tag: str, start: threading.Barrier, errors: list) -> None:
+            start.wait()
+            try:
+                loader_of[tag].write(table, _slowly(_tagged(tag, ranges[tag])), replace=ranges[tag])
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=replace, args=(tag, start, errors)) for tag in ranges]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        got = first.read(table).read_all()
+        per_block = got.group_by("_block_num").aggregate([("writer", "count"), ("writer", "distinct")])
+        per_block = per_block.sort_by("_block_num").to_pylist()
+        assert [r["_block_num"] for r in per_block] == list(range(150))
+        assert all(r["writer_count"] == 3 and len(r["writer_distinct"]) == 1 for r in per_block), "rows of both"
+        assert [r["writer_distinct"][0] for r in per_block] in (a_then_b, b_then_a)
+
+
+def test_a_second_writer_waits_while_the_first_beats_then_fails_naming_the_table(store):
+    first = store.loader(lock_lease=0.5)
+    second = store.loader(lock_lease=0.5, lock_wait=1.5)
+    table = store.table("rows")
+    rows = _tagged("a", RowRange(0, 9))
+    first.ensure_table(table, rows.schema)
+    inside, go_on = threading.Event(), threading.Event()
+
+    def held():
+        yield rows.to_batches()[0]
+        inside.set()
+        go_on.wait(30)  # the first writer holds the lock, beating, three times its lease
+
+    writing = threading.Thread(
+        target=lambda: first.write(table, pa.RecordBatchReader.from_batches(rows.schema, held()))
+    )
+    writing.start()
+    assert inside.wait(30)
+    started = time.monotonic()
+    with pytest.raises(
+        TransientError, match=rf"table {table}: another writer has held its lock \(rows__amp_lock_\d+\)"
+    ):
+        second.write(table, _tagged("b", RowRange(10, 19)))
+    waited = time.monotonic() - started
+    go_on.set()
+    writing.join()
+    assert 1.5 <= waited < 10
+    second.write(table, _tagged("b", RowRange(10, 19)))  # free again
+    assert _count(table) == 60
+
+
+def test_the_lock_of_a_dead_writer_on_another_host_is_taken_over_after_its_lease(store):
+    loader, table = store.loader(lock_lease=1.0), store.table("rows")
+    rows = _tagged("a", RowRange(0, 9))
+    loader.ensure_table(table, rows.schema)
+    loader.write(table, rows)
+    name = f"`{table.namespace}`"
+    # what a writer on another machine leaves when it dies mid-refresh: its lock, never beating again, and a stage
+    owner = '{"beat": 41, "host": "elsewhere/boot/1", "owner": "0123", "pid": 1, "started": "7"}'
+    admin().command(
+        f"CREATE TABLE {name}.rows__amp_lock_9 (beat UInt8) ENGINE = Null COMMENT 'amp_dagster_lock:{owner}'"
+    )
+    admin().command(f"CREATE TABLE {name}.rows__amp_stage_00ff00ff AS {name}.rows")
+    admin().command(f"INSERT INTO {name}.rows__amp_stage_00ff00ff SELECT * FROM {name}.rows")
+    started = time.monotonic()
+    loader.write(table, _tagged("b", RowRange(10, 19)))
+    took = time.monotonic() - started
+    assert 1.0 <= took < 5, f"taken over after {took:.1f}s"
+    assert _tables(table) == ["rows", "rows__amp_lock_10"]  # the stage dropped, the dead lock replaced
+    assert _count(table) == 60
+
+
+# -- SIGKILL during range replaces and full refreshes ------------------------------------------------------------
+#
+# chdb opens an engine directory in one process at a time (and this process has the test engine open), so each
+# writer runs in its own process on its own directory, and the next one opens it after the killed one died.
+
+
+class _Worker:
+    """A crash_worker process, its JSON reports read as they come."""
+
+    def __init__(self, path, mode: str, gen: int) -> None:
+        code = "import sys; from amp_dagster_tests.stores.clickhouse import crash_worker; crash_worker(*sys.argv[1:])"
+        env = {**os.environ, "AMP_TEST_CHDB_DIR": str(path)}  # the harness module then makes no directory of its own
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(path), mode, str(gen)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.reports: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.seen: list[dict] = []
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.reports.put(json.loads(line))
+        self.reports.put(None)
+
+    def next(self, at: str, timeout: float = 60) -> dict:
+        while True:
+            try:
+                report = self.reports.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no {at!r} report within {timeout}s") from None
+            if report is None:
+                self.proc.wait()
+                raise AssertionError(f"the worker ended before {at!r}: {self.proc.stderr.read()[-3000:]}")
+            self.seen.append(report)
+            if report["at"] == at:
+                return report
+
+    def kill(self) -> list[dict]:
+        """SIGKILL it, and every report it made."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()  # reaped: its pid is gone, as a crashed writer's is once its parent collects it
+        while (report := self.reports.get(timeout=30)) is not None:
+            self.seen.append(report)
+        return self.seen
+
+
+def _generations(reports: list[dict], done: int, running: int | None) -> tuple[int, int | None]:
+    """The last generation the worker finished and the one it was writing when it died."""
+    for report in reports:
+        if report["at"] == "start":
+            running = report["gen"]
+        elif report["at"] == "done":
+            done, running = report["gen"], None
+    return done, running
+
+
+def _whole(gen: int) -> list[int]:
+    return [CRASH_ROWS + gen, CRASH_ROWS + gen]  # rows, distinct row numbers: all of the generation, once
+
+
+@pytest.mark.slow
+def test_sigkill_during_range_replaces_leaves_old_or_new_rows_of_the_range(tmp_path):
+    rng, path = random.Random(9), tmp_path / "chdb"
+    around = [2 * (CRASH_ROWS - 1), CRASH_ROWS - 1]  # the rows outside the range: generation -1, twice 0..n-1
+    worker = _Worker(path, "replace", 0)
+    worker.next("done")  # the table exists with generation 0 in the range
+    done, running, found = 0, None, []
+    for _ in range(20):
+        worker.next("start")
+        time.sleep(rng.uniform(0, 0.6))
+        done, running = _generations(worker.kill(), done, running)
+        worker = _Worker(path, "replace", max(done, running or 0) + 1)
+        before, after = worker.next("found"), worker.next("recovered")
+        found.append(before)
+        gens = {int(g): n for g, n in after["gens"].items() if g != "-1"}
+        assert after["gens"]["-1"] == around, "rows outside the range were touched"
+        assert len(gens) == 1, f"after a kill in generation {running}, the range holds {gens}"
+        ((gen, counts),) = gens.items()
+        assert gen in (done, running) and counts == _whole(gen), f"{gens}: neither {done} nor {running} whole"
+        assert after["stages"] == [] and len(after["locks"]) == 1
+        assert after["seconds"] < 10, "the dead writer's lock was not taken over at once"  # the lease is 30 s
+        done, running = gen, None
+    worker.next("done")  # and the table takes writes again
+    worker.kill()
+    # how the kills fell: before the commit point (old rows, a stage to drop), after it (a journaled stage to
+    # complete; the range old, new or empty until then)
+    journaled = sum(any(is_journal for _, is_journal in f["stages"]) for f in found)
+    empty = sum(len([g for g in f["gens"] if g != "-1"]) == 0 for f in found)
+    print(f"20 kills: {journaled} after the commit point ({empty} with the range empty until recovery)")
+
+
+@pytest.mark.slow
+def test_sigkill_during_full_refreshes_leaks_no_stage(tmp_path):
+    rng, path = random.Random(5), tmp_path / "chdb"
+    worker = _Worker(path, "refresh", 0)
+    worker.next("done")
+    done, running, leaked = 0, None, 0
+    for _ in range(6):
+        worker.next("reading")  # the refresh has its stage now; the kill lands while it fills or swaps it in
+        time.sleep(rng.uniform(0, 0.2))
+        done, running = _generations(worker.kill(), done, running)
+        worker = _Worker(path, "refresh", max(done, running or 0) + 1)
+        before, after = worker.next("found"), worker.next("recovered")
+        leaked += len(before["stages"])
+        ((gen, counts),) = after["gens"].items()
+        assert int(gen) in (done, running) and counts == _whole(int(gen))
+        assert after["stages"] == [], "a killed refresh's stage outlived the next writer's start"
+        done, running = int(gen), None
+    worker.kill()
+    print(f"6 kills: {leaked} left a stage for the next writer to drop")
+    assert leaked >= 3, f"only {leaked} of 6 kills hit a refresh while it had a stage: the test proves little"

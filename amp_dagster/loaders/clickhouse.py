@@ -19,27 +19,63 @@ keys include the block number, so chain data never does.
 Writes: one ``INSERT ... FORMAT ArrowStream`` per ``insert_rows`` rows, streamed batch by batch. chdb runs the engine
 in this process, and it gathers an INSERT's rows into one block before writing a part, so peak memory follows
 ``insert_rows`` (1M logs rows: 367 MB at the default 131,072, 834 MB at 1,048,576; as fast). A server makes a part
-per INSERT either way and gets the body streamed; 131,072 rows is still a large insert for it. ``write(replace=...)``
-converts the first batch, then runs a lightweight ``DELETE`` (visible when it returns) and inserts: ClickHouse has
-no multi-statement transactions, so a failure after the delete leaves the range partly written, but repeating the
-write leaves exactly one copy. ``replace_table`` fills a staging table and swaps it in with ``EXCHANGE TABLES``; a
-failed write leaves the old table untouched.
+per INSERT either way and gets the body streamed; 131,072 rows is still a large insert for it. Plain appends and
+upserts insert into the table itself: a failed append may leave some of its INSERTs stored.
+
+Concurrency. Every write, delete, upsert, ``ensure_table`` and ``replace_table`` holds the table's lock; reads take
+none. ClickHouse has no lock primitive, but ``CREATE TABLE`` of an existing name fails, on chdb and on a server (a
+Replicated database makes it cluster-wide), so the lock is a small ``Null`` table ``<table>__amp_lock_<n>`` beside
+the table, whose COMMENT records its owner (token, host, pid) and a heartbeat counter bumped every ``lock_lease / 5``
+seconds. The highest ``n`` is the lock; it stays behind, marked free, when released. A writer takes the lock by
+creating ``n + 1`` when ``n`` is free or its owner is dead, and holds it if ``n + 1`` is then the highest (a writer
+acting on a stale view re-creates a dropped lower number and backs off); it drops the lower numbers. An owner is
+dead when its heartbeat has not moved for ``lock_lease`` seconds, or at once when it ran on this host (same kernel
+boot and pid namespace, Linux) and its process is gone. A second writer waits up to ``lock_wait`` seconds, then
+fails with a TransientError naming the table. After taking a dead owner's lock, a writer kills the statements the
+dead owner may still have running on a server (every statement under a lock carries a ``query_id`` naming the table
+and the owner: ``KILL QUERY ... SYNC``); on chdb they died with its process. A holder whose heartbeat fails checks
+before each commit step that it still holds the lock and stops with a TransientError otherwise.
+
+Range replace (``write(replace=...)``). All batches are checked, converted and inserted into a staging table
+``<table>__amp_stage_<hex>`` (``CREATE TABLE ... AS`` the table); a failure up to here drops it and leaves the table
+as it was. The commit point is one ``ALTER TABLE stage MODIFY COMMENT`` that records the range in the stage (its
+journal). Then the range is deleted (a lightweight ``DELETE``, visible when it returns), the staged parts are
+attached with ``ATTACH PARTITION ALL FROM stage`` (hard links, so the rows are written once; ``ALL`` needs a recent
+server: tested on 26.9) and the stage is dropped.
+A concurrent reader sees the old rows until the DELETE returns, the new rows once the ATTACH returns, and between
+the two (the few milliseconds of the ATTACH) no rows of the range: ClickHouse has no multi-statement transaction,
+so ``capabilities.atomic_replace_range`` is False. After an exception or a SIGKILL past the commit point, the range
+holds the old rows, none, or (some of) the new rows until the next writer takes the lock: every write, delete,
+upsert, ``ensure_table`` and ``replace_table`` first completes each journaled stage (the DELETE and the ATTACH
+again: the staged rows all lie in the range, so repeating them is exact) and drops every other stage, all of them
+dead since their writers held the lock. So once the next writer has held the lock, a replace has left the old rows
+or the new rows of its range, never neither and never both. ``replace_table`` fills a stage created for the new
+schema and swaps it in with ``EXCHANGE TABLES`` (``RENAME`` for a new table); a failure or a kill before the swap
+leaves the old table intact, and a stage left by a killed writer (before or after its swap) is dropped by the next.
 
 Tables amp_dagster did not create (no schema in the comment) are compared by ClickHouse type, with the table's
 nullability; ``ensure_table`` adopts one whose comment is empty by writing the schema into it. Identifiers are
-backquoted with the driver's ``escape_str``; values are bound server-side (``{lo:UInt64}``), except the table
-COMMENT, which DDL takes only as a literal (the driver's ``format_str``).
+backquoted with the driver's ``escape_str``; values are bound server-side (range bounds in the range column's own
+type, ``{lo:UInt64}``), except COMMENTs, which DDL takes only as literals (the driver's ``format_str``). Table names
+ending in ``__amp_lock_<n>`` or ``__amp_stage_<hex>`` are refused: they are the loader's own.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import itertools
+import json
 import os
 import re
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import suppress
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 from urllib.parse import urlparse
 
@@ -54,17 +90,23 @@ from .batches import Tally, checked_batches, key_columns
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 COMMENT_TAG = "amp_dagster:"
+LOCK_TAG = "amp_dagster_lock:"  # a lock table's comment: its owner and heartbeat, as JSON
+JOURNAL_TAG = "amp_dagster_replace:"  # a stage's comment once its range replace is committed: the range, as JSON
+_LOCK, _STAGE = "__amp_lock_", "__amp_stage_"
+_SIBLING = re.compile(r"__amp_(?:lock_(\d+)|stage_([0-9a-f]+))")  # what follows the table's name in ours
 _EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end-of-stream marker of the Arrow IPC stream format
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LOW_CARDINALITY = re.compile(r"^LowCardinality\((.*)\)$")  # a storage detail the data need not match
 # server error codes worth retrying: timeouts, overload, too many parts, network, keeper, deadlock avoided
 _TRANSIENT_CODES = {159, 202, 203, 209, 210, 241, 242, 252, 285, 319, 473, 999}
+_TABLE_EXISTS, _UNKNOWN_TABLE = 57, 60
 _INSERT_SETTINGS = {"async_insert": 0}  # a synchronous insert: the rows are committed when the call returns
 _READ_SETTINGS = {"output_format_arrow_string_as_string": 0, "output_format_arrow_compression_method": "none"}
 _SCALARS = {pa.bool_(): "Bool", pa.float32(): "Float32", pa.float64(): "Float64", pa.date32(): "Date32"}
 _INTEGERS = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
 _SCALARS.update({getattr(pa, name.lower())(): name for name in _INTEGERS})
 _SCALARS.update(dict.fromkeys([pa.string(), pa.large_string(), pa.binary(), pa.large_binary()], "String"))
+_INTEGER_TYPES = {name: getattr(pa, name.lower())() for name in _INTEGERS}
 # Arrow types ClickHouse's Arrow reader does not take, and what they are sent as
 _SEND_AS = {
     pa.float16(): pa.float32(),
@@ -93,12 +135,54 @@ class _Meta:
         return self.columns.get(name, "").startswith("Nullable(")
 
 
+@dataclass(frozen=True)
+class _Sibling:
+    """A table amp_dagster keeps beside a table: a lock (``epoch`` set) or a stage, with its comment."""
+
+    name: str
+    comment: str
+    epoch: int | None
+
+    @property
+    def owner(self) -> dict[str, Any]:
+        """A lock's owner and heartbeat; empty if the comment is not ours."""
+        if not self.comment.startswith(LOCK_TAG):
+            return {}
+        try:
+            return json.loads(self.comment[len(LOCK_TAG) :])
+        except ValueError:
+            return {}
+
+    @property
+    def journal(self) -> tuple[str, RowRange] | None:
+        """A committed stage's range column and range; None for a stage that was never committed."""
+        if not self.comment.startswith(JOURNAL_TAG):
+            return None
+        entry = json.loads(self.comment[len(JOURNAL_TAG) :])
+        return entry["column"], RowRange(entry["start"], entry["end"])
+
+
+@dataclass
+class _Hold:
+    """A held table lock: the lock table, the owner record written into its comment, and the heartbeat's state."""
+
+    table: TableRef
+    lock: TableRef
+    epoch: int
+    owner: dict[str, Any]
+    lost: str = ""  # why the lock may be lost, set by the heartbeat
+    tag: str = ""  # the query_id prefix of statements under this lock
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
 class ClickHouseLoader(Loader):
     """Loads Arrow into ClickHouse MergeTree tables, on a server over HTTP or in-process through chdb.
 
     Pass a ``dsn`` (``http://host:8123/db``, or ``chdb:///path`` for the in-process engine) or ``host``/``port``/
     ``username``/``password``/``database``; other keywords go to ``clickhouse_connect.get_client``. Without a
     password, ``CLICKHOUSE_PASSWORD`` is used. The client is created on first use, with bounded retries.
+    ``lock_wait`` (seconds) bounds the wait for another writer of the same table; ``lock_lease`` is how long the
+    owner of a lock whose heartbeat stopped counts as alive (one on this host whose process is gone is dead at once).
 
     >>> with ClickHouseLoader("chdb:///var/lib/amp/chdb") as ch:  # doctest: +SKIP
     ...     t = TableRef("logs", namespace="eth", key=("block_num", "log_index"))
@@ -124,6 +208,8 @@ class ClickHouseLoader(Loader):
         secure: bool = False,
         connect_timeout: int = 10,
         insert_rows: int = 131_072,
+        lock_wait: float = 60.0,
+        lock_lease: float = 5.0,
         retry: RetryPolicy = DEFAULT_RETRY,
         **options: Any,
     ) -> None:
@@ -131,6 +217,11 @@ class ClickHouseLoader(Loader):
         require_driver("clickhouse_connect", "clickhouse", self.store)
         if parsed.scheme == "chdb":
             require_driver("chdb", "chdb", "ClickHouse in-process (chdb://)")
+        if lock_lease <= 0 or lock_wait < 0:
+            raise ConfigError(
+                f"ClickHouseLoader: lock_lease must be positive and lock_wait not negative, got lock_lease="
+                f"{lock_lease} and lock_wait={lock_wait}"
+            )
         password = os.environ.get("CLICKHOUSE_PASSWORD", "") if password is None else password
         self._secrets = (password, parsed.password)
         self._chdb = parsed.scheme == "chdb"
@@ -144,20 +235,24 @@ class ClickHouseLoader(Loader):
             default_port = 8443 if secure or parsed.scheme == "https" else 8123
             self.where = f"{host or parsed.hostname or 'localhost'}:{port or parsed.port or default_port}"
         self._insert_rows, self._retry = insert_rows, retry
-        self._conn = None
+        self.lock_wait, self.lock_lease = lock_wait, lock_lease
+        # two clients: lock traffic (heartbeats above all) must not queue behind a long insert or an open read
+        # stream, which hold a chdb client's handle for as long as they run
+        self._conns: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # the lock this thread holds, if any
         self._default_db: str | None = None
 
     # -- connection and errors -----------------------------------------------------------------------------
 
-    def _client(self):
+    def _client(self, role: str = "data"):
         with self._lock:
-            if self._conn is None:
+            if role not in self._conns:
                 import clickhouse_connect
 
                 args = {k: v for k, v in self._args.items() if v not in (None, "")}
                 try:
-                    self._conn = retry_call(
+                    self._conns[role] = retry_call(
                         lambda: clickhouse_connect.get_client(**args),
                         self._retry,
                         _is_transient,
@@ -165,23 +260,43 @@ class ClickHouseLoader(Loader):
                     )
                 except Exception as exc:
                     raise self._translate(exc, None, "connect") from None
-            return self._conn
+            return self._conns[role]
 
-    def _run(self, fn, table: TableRef | None, what: str, *, retry: bool = True):
-        """Call ``fn(client)``; driver errors come out typed, anything else (a dying source) unchanged."""
+    def _run(self, fn, table: TableRef | None, what: str, *, retry: bool = True, role: str = "data"):
+        """Call ``fn(client, settings)``; driver errors come out typed, anything else (a dying source) unchanged.
+        Under a lock, ``settings`` carries a fresh ``query_id`` naming the table and the lock's owner, so that a
+        writer taking over a dead owner's lock can kill what it left running on a server."""
         from clickhouse_connect.driver.exceptions import ClickHouseError
 
-        client = self._client()
+        client, hold, tries = self._client(role), getattr(self._local, "hold", None), 0
+
+        def attempt():
+            nonlocal tries
+            tries += 1
+            if tries > 1 and hold is not None and role == "data":
+                self._check_held(hold)  # a retry is a new step: sent only while the lock is still this writer's
+            return fn(client, {"query_id": f"{hold.tag}-{uuid.uuid4().hex[:12]}"} if hold else {})
+
         with self._translating(table, errors=ClickHouseError):
             if not retry:
-                return fn(client)
-            return retry_call(lambda: fn(client), self._retry, _is_transient, f"ClickHouse {what} on {table}")
+                return attempt()
+            return retry_call(attempt, self._retry, _is_transient, f"ClickHouse {what} on {table}")
 
-    def _command(self, table: TableRef | None, sql: str, params: dict | None = None, settings: dict | None = None):
-        return self._run(lambda c: c.command(sql, parameters=params, settings=settings), table, "command")
+    def _command(
+        self, table: TableRef | None, sql: str, params: dict | None = None, settings: dict | None = None, retry=True
+    ):
+        """Run a statement; ``retry=False`` for one that must not run twice when an answer is lost."""
+        return self._run(
+            lambda c, q: c.command(sql, parameters=params, settings={**(settings or {}), **q}),
+            table,
+            "command",
+            retry=retry,
+        )
 
-    def _rows(self, table: TableRef | None, sql: str, params: dict | None = None) -> list[tuple]:
-        return self._run(lambda c: c.query(sql, parameters=params).result_rows, table, "query")
+    def _rows(self, table: TableRef | None, sql: str, params: dict | None = None, role: str = "data") -> list[tuple]:
+        return self._run(
+            lambda c, q: c.query(sql, parameters=params, settings=q).result_rows, table, "query", role=role
+        )
 
     def _translate(self, exc: BaseException, table: TableRef | None, action: str = "") -> AmpDagsterError:
         text, where = scrub(str(exc), *self._secrets), f"ClickHouse {self.where}" + (f" table {table}" if table else "")
@@ -201,72 +316,121 @@ class ClickHouseLoader(Loader):
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = None
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
 
     # -- the Loader seam ------------------------------------------------------------------------------------
 
     def ensure_table(self, table: TableRef, schema: pa.Schema) -> None:
         require_columns(schema, table, self.store)
-        meta = self._meta(table)
-        if meta is None:
-            self._create(table, schema)
-            return
-        # against the stored schema, a column that an earlier call added but could not record counts as new
-        # again: ADD COLUMN IF NOT EXISTS passes over it and the comment is written
-        added = self._check(table, meta, schema, can_add=True)
-        for name in added:
-            ch_type = _ch_type(name, schema.field(name).type, True)
-            self._command(table, f"ALTER TABLE {self._q(table)} ADD COLUMN IF NOT EXISTS {_id(name)} {ch_type}")
-        if (added and meta.schema is not None) or not meta.comment:  # never overwrite a foreign comment
-            stored = widen(meta.schema, schema, added) if meta.schema is not None else meta.target(schema)
-            self._command(table, f"ALTER TABLE {self._q(table)} MODIFY COMMENT {_comment(stored)}")
+        self._create_database(table)
+        with self._locked(table):
+            meta = self._meta(table)
+            if meta is None:
+                self._create(table, schema)
+                return
+            # against the stored schema, a column that an earlier call added but could not record counts as new
+            # again: ADD COLUMN IF NOT EXISTS passes over it and the comment is written
+            added = self._check(table, meta, schema, can_add=True)
+            for name in added:
+                ch_type = _ch_type(name, schema.field(name).type, True)
+                self._command(table, f"ALTER TABLE {self._q(table)} ADD COLUMN IF NOT EXISTS {_id(name)} {ch_type}")
+            if (added and meta.schema is not None) or not meta.comment:  # never overwrite a foreign comment
+                stored = widen(meta.schema, schema, added) if meta.schema is not None else meta.target(schema)
+                self._command(table, f"ALTER TABLE {self._q(table)} MODIFY COMMENT {_comment(stored)}")
 
     def write(self, table: TableRef, data: ArrowData, *, replace: RowRange | None = None) -> WriteResult:
         schema, batches = checked_batches(data, table, self.store, replace)
-        return self._append(table, self._require(table), schema, batches, replace)
+        with self._locked(table, existing=True) as hold:
+            meta = self._require(table)
+            if replace is None:
+                self._check(table, meta, schema, can_add=False)
+                return self._append(table, meta, schema, batches, hold)
+            self._range_type(table, meta, replace)
+            self._check(table, meta, schema, can_add=False)
+            first = next(batches, None)
+            if first is None:  # nothing to write: the replace is a delete, one statement, no stage needed
+                self._check_held(hold)
+                self._delete(table, meta, replace)
+                return Tally().result(0)
+            batches = itertools.chain([first], batches)
+            stage = self._stage(table)
+            self._command(stage, f"CREATE TABLE IF NOT EXISTS {self._q(stage)} AS {self._q(table)}")  # same layout
+            try:
+                result = self._append(stage, meta, schema, batches, hold)
+                self._check_held(hold)
+                journal = {"column": table.range_column, "start": replace.start, "end": replace.end}
+                self._command(stage, f"ALTER TABLE {self._q(stage)} MODIFY COMMENT {_literal(JOURNAL_TAG, journal)}")
+            except BaseException:
+                with suppress(Exception):  # the write's own error is the one to report; the next writer drops it
+                    self._drop(stage)
+                raise
+            try:
+                self._apply(table, meta, stage, replace, hold)
+            except AmpDagsterError as exc:
+                raise type(exc)(
+                    f"{exc} The new rows of {replace} are committed in {stage}: the next write, delete, ensure_table "
+                    f"or replace_table on {table} moves them in."
+                ) from None
+            return result
 
     def delete(self, table: TableRef, rows: RowRange) -> int:
         meta = self._meta(table)
-        return 0 if meta is None else self._delete(table, meta, rows)
+        if meta is None:
+            return 0
+        self._range_type(table, meta, rows)
+        with self._locked(table) as hold:
+            meta = self._meta(table)  # the table may have been swapped while this writer waited
+            if meta is None:
+                return 0
+            self._range_type(table, meta, rows)
+            self._check_held(hold)
+            return self._delete(table, meta, rows)
 
     def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
         schema, batches = checked_batches(data, table, self.store)
-        # a name per call, so that two refreshes never share a staging table
-        stage = TableRef(
-            f"{table.name}__amp_stage_{uuid.uuid4().hex[:8]}", table.namespace, table.range_column, table.key
-        )
-        self._create(stage, schema)
-        try:
-            result = self._append(stage, self._require(stage), schema, batches)
-            verb = "RENAME TABLE {} TO {}" if self._meta(table) is None else "EXCHANGE TABLES {} AND {}"
-            self._command(table, verb.format(self._q(stage), self._q(table)))
-        except BaseException:
-            with suppress(Exception):  # the write's own error is the one to report
-                self._command(stage, f"DROP TABLE IF EXISTS {self._q(stage)}")
-            raise
-        self._command(stage, f"DROP TABLE IF EXISTS {self._q(stage)}")
-        return result
+        self._create_database(table)
+        with self._locked(table) as hold:
+            stage = self._stage(table)
+            self._create(stage, schema)
+            try:
+                result = self._append(stage, self._require(stage), schema, batches, hold)
+                self._check_held(hold)
+                verb = "RENAME TABLE {} TO {}" if self._meta(table) is None else "EXCHANGE TABLES {} AND {}"
+                # not retried: a second EXCHANGE would swap the old table back; when the answer is lost, the
+                # stage name holds either table, and dropping it below leaves the table old or new
+                self._command(table, verb.format(self._q(stage), self._q(table)), retry=False)
+            except BaseException:
+                with suppress(Exception):  # the write's own error is the one to report; the next writer drops it
+                    self._drop(stage)
+                raise
+            with suppress(Exception):  # the refresh is done; the next writer drops what is left of the old table
+                self._drop(stage)  # the old table, since the exchange
+            return result
 
     def upsert(self, table: TableRef, data: ArrowData) -> WriteResult:
         key = key_columns(table, self.store)
         schema, batches = checked_batches(data, table, self.store)
-        meta = self._require(table)
-        if meta.engine != "ReplacingMergeTree" or meta.sorting_key != frozenset(key):
-            raise TerminalError(
-                f"ClickHouse table {table} is a {meta.engine} ordered by ({', '.join(sorted(meta.sorting_key))}), "
-                f"so rows cannot be replaced by the key ({', '.join(key)}). Recreate it with replace_table and "
-                "TableRef(key=...) set: keyed tables are created as ReplacingMergeTree ordered by the key."
-            )
-        return self._append(table, meta, schema, batches)
+        with self._locked(table, existing=True) as hold:
+            meta = self._require(table)
+            if meta.engine != "ReplacingMergeTree" or meta.sorting_key != frozenset(key):
+                raise TerminalError(
+                    f"ClickHouse table {table} is a {meta.engine} ordered by ({', '.join(sorted(meta.sorting_key))}), "
+                    f"so rows cannot be replaced by the key ({', '.join(key)}). Recreate it with replace_table and "
+                    "TableRef(key=...) set: keyed tables are created as ReplacingMergeTree ordered by the key."
+                )
+            self._check(table, meta, schema, can_add=False)
+            return self._append(table, meta, schema, batches, hold)
 
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
         meta = self._require(table)
         final = " FINAL" if meta.engine == "ReplacingMergeTree" else ""
-        where, params = _range_sql(table, rows)
+        where, params = _range_sql(table, rows, None if rows is None else self._range_type(table, meta, rows))
         sql = f"SELECT * FROM {self._q(table)}{final}{where}"
-        stream = self._run(lambda c: c.raw_stream(sql, params, _READ_SETTINGS, fmt="ArrowStream"), table, "read")
+        stream = self._run(
+            lambda c, q: c.raw_stream(sql, params, {**_READ_SETTINGS, **q}, fmt="ArrowStream"), table, "read"
+        )
         reader = pa.ipc.open_stream(stream)
         stored = meta.schema or pa.schema([])
         target = pa.schema([stored.field(f.name) if f.name in stored.names else f for f in reader.schema])
@@ -282,6 +446,178 @@ class ClickHouseLoader(Loader):
 
         return pa.RecordBatchReader.from_batches(target, batches())
 
+    # -- the table lock ----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self, table: TableRef, *, existing: bool = False) -> Iterator[_Hold]:
+        """Hold the table's lock, with the stages of dead writers completed or dropped first; with ``existing``,
+        fail before taking it if the table does not exist."""
+        if re.search(f"(?:{_SIBLING.pattern})$", table.name):
+            raise TerminalError(
+                f"ClickHouse table {table}: names ending in __amp_lock_<n> or __amp_stage_<hex> are amp_dagster's "
+                "own lock and staging tables. Choose another table name."
+            )
+        hold, stages = self._acquire(table, existing)
+        hold.tag = self._tag(table) + hold.owner["owner"]
+        self._local.hold = hold
+        beating = threading.Thread(target=self._beat, args=(hold,), name="amp-clickhouse-lock", daemon=True)
+        beating.start()
+        try:
+            self._recover(table, hold, stages)
+            yield hold
+        finally:
+            self._local.hold = None
+            hold.stop.set()
+            beating.join()
+            # a free lock lets the next writer in at once; if marking it fails, it is taken over after its lease
+            with suppress(Exception):
+                self._lock_command(hold.lock, {**hold.owner, "free": True})
+
+    def _acquire(self, table: TableRef, existing: bool) -> tuple[_Hold, list[_Sibling]]:
+        token = uuid.uuid4().hex
+        owner = {"owner": token, **_process()}
+        deadline, pause, seen, superseded, tried = time.monotonic() + self.lock_wait, 0.01, {}, None, False
+        while True:
+            locks, stages, exists = self._siblings(table)
+            if existing and not exists and not tried:  # once a lock may be this writer's, _locked releases it
+                raise missing_table(self.store, self.where, table)
+            top = locks[-1] if locks else None
+            if top is not None and top.owner.get("owner") == token:  # the highest: this writer holds the lock
+                break
+            if top is None or top.owner.get("free") or self._dead(top, seen):
+                superseded, tried = top, True
+                epoch = 1 if top is None else top.epoch + 1
+                self._create_lock(table, epoch, {**owner, "beat": 0})
+                continue  # held only if it is the highest now
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    f"ClickHouse {self.where} table {table}: another writer has held its lock ({top.name}) for more "
+                    f"than {self.lock_wait:g}s. Try again later; the lock of a writer that died is taken over "
+                    f"within {self.lock_lease:g}s (lock_lease), at once when it ran on this host."
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+        hold = _Hold(table, self._sibling(table, top.name), top.epoch, {**owner, "beat": 0})
+        for lower in locks[:-1]:
+            self._drop(self._sibling(table, lower.name))
+        if superseded is not None and not superseded.owner.get("free"):
+            # the dead owner's statements may still run on a server (a client's death does not stop them): end
+            # them, then look at the stages again, which one of them may have changed
+            self._command(
+                table,
+                "KILL QUERY WHERE startsWith(query_id, {tag:String}) AND NOT startsWith(query_id, {mine:String}) SYNC",
+                {"tag": self._tag(table), "mine": self._tag(table) + token},
+            )
+            stages = self._siblings(table)[1]
+        return hold, stages
+
+    def _siblings(self, table: TableRef) -> tuple[list[_Sibling], list[_Sibling], bool]:
+        """The table's locks (lowest epoch first) and stages, and whether the table itself exists."""
+        found = self._rows(
+            table,
+            "SELECT name, comment FROM system.tables WHERE database = {db:String} "
+            "AND (name = {name:String} OR startsWith(name, {p:String}))",
+            {"db": self._database(table), "name": table.name, "p": table.name + "__amp_"},
+            role="lock",
+        )
+        locks, stages, exists = [], [], False
+        for name, comment in found:
+            exists = exists or name == table.name
+            match = _SIBLING.fullmatch(name, len(table.name))
+            if match and match.group(1):
+                locks.append(_Sibling(name, comment, int(match.group(1))))
+            elif match:
+                stages.append(_Sibling(name, comment, None))
+        return sorted(locks, key=lambda s: s.epoch), stages, exists
+
+    def _dead(self, lock: _Sibling, seen: dict[str, tuple[str, float]]) -> bool:
+        """Whether the lock's owner is dead: its process is gone from this host, or its comment (heartbeat) has
+        not changed for ``lock_lease`` seconds of this writer's watching (no clocks compared across hosts; a live
+        but silent owner counts as dead too, and finds out at its next commit step)."""
+        if _alive(lock.owner) is False:
+            return True
+        comment, since = seen.get(lock.name, (None, 0.0))
+        if comment != lock.comment:
+            seen[lock.name] = (lock.comment, time.monotonic())
+            return False
+        return time.monotonic() - since >= self.lock_lease
+
+    def _create_lock(self, table: TableRef, epoch: int, owner: dict[str, Any]) -> None:
+        """Create lock table ``epoch``; an existing one (another writer was first) is not an error."""
+        from clickhouse_connect.driver.exceptions import ClickHouseError
+
+        lock = self._sibling(table, f"{table.name}{_LOCK}{epoch}")
+        sql = f"CREATE TABLE {self._q(lock)} (beat UInt8) ENGINE = Null COMMENT {_literal(LOCK_TAG, owner)}"
+        client = self._client("lock")
+        try:
+            client.command(sql)
+        except ClickHouseError as exc:  # after a lost answer, the next listing shows whether it was created
+            if getattr(exc, "code", None) != _TABLE_EXISTS and not _is_transient(exc):
+                raise self._translate(exc, table, "take the lock") from None
+
+    def _lock_command(self, lock: TableRef, owner: dict[str, Any]) -> None:
+        self._client("lock").command(f"ALTER TABLE {self._q(lock)} MODIFY COMMENT {_literal(LOCK_TAG, owner)}")
+
+    def _beat(self, hold: _Hold) -> None:
+        """Bump the lock's heartbeat until released; note when the lock may be lost (a waiter may take it over
+        ``lock_lease`` after the last beat it saw, so the holder gives up earlier)."""
+        last = time.monotonic()
+        while not hold.stop.wait(self.lock_lease / 5):
+            hold.owner["beat"] += 1
+            try:
+                self._lock_command(hold.lock, hold.owner)
+                last = time.monotonic()
+            except Exception as exc:
+                if getattr(exc, "code", None) == _UNKNOWN_TABLE:
+                    hold.lost = f"its lock {hold.lock.name} was taken over"
+                    return
+                if time.monotonic() - last > 0.6 * self.lock_lease:
+                    hold.lost = f"its heartbeat failed for {time.monotonic() - last:.1f}s ({exc})"
+                    return
+
+    def _check_held(self, hold: _Hold, *, ask: bool = True) -> None:
+        """Before a step that changes the table: the lock is still this writer's (its heartbeat works and, with
+        ``ask``, no one took it over while this process stood still)."""
+        if ask and not hold.lost:
+            locks = self._siblings(hold.table)[0]
+            if not locks or locks[-1].owner.get("owner") != hold.owner["owner"]:
+                hold.lost = f"its lock {hold.lock.name} was taken over"
+        if hold.lost:
+            raise TransientError(
+                f"ClickHouse {self.where} table {hold.table}: the write stopped because {hold.lost}, so another writer "
+                "may have the table. Run it again: a range replace or full refresh that stopped before its commit "
+                "changed nothing, an append may be partly stored."
+            )
+
+    def _recover(self, table: TableRef, hold: _Hold, stages: list[_Sibling]) -> None:
+        """Under the lock every stage is dead: complete the committed range replaces, drop the rest."""
+        for found in stages:
+            stage = self._sibling(table, found.name)
+            journal = found.journal
+            meta = None if journal is None else self._meta(table)
+            if journal is not None and meta is not None:
+                column, rows = journal
+                self._apply(dataclasses.replace(table, range_column=column), meta, stage, rows, hold)
+            else:
+                self._drop(stage)
+
+    def _apply(self, table: TableRef, meta: _Meta, stage: TableRef, rows: RowRange, hold: _Hold) -> None:
+        """Move a committed stage in: delete the range, attach the staged parts, drop the stage. Every step may be
+        repeated after a crash: the staged rows all lie in the range, so a second DELETE removes the ones a first
+        ATTACH brought in, and a second ATTACH brings them all. A writer that lost the lock stops: the writer that
+        took it completes the stage, and two writers repeating the steps at once could attach the rows twice."""
+        self._check_held(hold, ask=False)
+        self._delete(table, meta, rows)
+        self._check_held(hold, ask=False)
+        # not retried: a second ATTACH would bring the rows in twice; the journal's DELETE and ATTACH make it exact
+        self._command(table, f"ALTER TABLE {self._q(table)} ATTACH PARTITION ALL FROM {self._q(stage)}", retry=False)
+        self._drop(stage)
+
+    def _tag(self, table: TableRef) -> str:
+        """The query_id prefix of statements under this table's lock."""
+        digest = hashlib.sha1(f"{self._database(table)}\0{table.name}".encode()).hexdigest()[:16]
+        return f"amp-{digest}-"
+
     # -- internals -----------------------------------------------------------------------------------------
 
     def _database(self, table: TableRef) -> str:
@@ -294,6 +630,21 @@ class ClickHouseLoader(Loader):
     def _q(self, table: TableRef) -> str:
         # always database-qualified: clickhouse-connect passes a dotted table name through without quoting it
         return f"{_id(self._database(table))}.{_id(table.name)}"
+
+    def _sibling(self, table: TableRef, name: str) -> TableRef:
+        return TableRef(name, table.namespace, table.range_column, table.key)
+
+    def _stage(self, table: TableRef) -> TableRef:
+        # a name per call, so that two refreshes never share a staging table
+        return self._sibling(table, f"{table.name}{_STAGE}{uuid.uuid4().hex[:8]}")
+
+    def _drop(self, table: TableRef) -> None:
+        # SYNC: an Atomic database would otherwise keep the data on disk for minutes
+        self._command(table, f"DROP TABLE IF EXISTS {self._q(table)} SYNC")
+
+    def _create_database(self, table: TableRef) -> None:
+        if table.namespace:  # the lock lives in the table's database, so it must exist before the lock
+            self._command(table, f"CREATE DATABASE IF NOT EXISTS {_id(table.namespace)}")
 
     def _meta(self, table: TableRef) -> _Meta | None:
         params = {"db": self._database(table), "name": table.name}
@@ -321,6 +672,25 @@ class ClickHouseLoader(Loader):
             raise missing_table(self.store, self.where, table)
         return meta
 
+    def _range_type(self, table: TableRef, meta: _Meta, rows: RowRange) -> pa.DataType:
+        """The stored Arrow type of the range column, after checking that ``rows`` fits it (a bound beyond the
+        column's type would otherwise be wrapped or compared in another type)."""
+        name = table.range_column
+        if meta.schema is not None and name in meta.schema.names:
+            t = meta.schema.field(name).type
+        else:
+            ch_type = meta.columns.get(name)
+            if ch_type is None:
+                raise TerminalError(f"ClickHouse table {table} has no range column {name!r}; set TableRef.range_column")
+            t = _INTEGER_TYPES.get(ch_type.removeprefix("Nullable(").removesuffix(")"))
+            if t is None:
+                raise TerminalError(
+                    f"ClickHouse table {table}: its range column {name!r} is {ch_type}, not an integer, so rows "
+                    "cannot be selected by range. Set TableRef.range_column to an integer column."
+                )
+        rows.check(name, t, f"ClickHouse {self.where} table {table}")
+        return t
+
     def _check(self, table: TableRef, meta: _Meta, schema: pa.Schema, *, can_add: bool) -> list[str]:
         """Check the data against the stored Arrow schema, or by ClickHouse type for a table amp_dagster did not
         create; returns the columns to add."""
@@ -330,8 +700,6 @@ class ClickHouseLoader(Loader):
         return check_schema(self.store, table, meta.columns, incoming, can_add=can_add)
 
     def _create(self, table: TableRef, schema: pa.Schema) -> None:
-        if table.namespace:
-            self._command(table, f"CREATE DATABASE IF NOT EXISTS {_id(table.namespace)}")
         columns = [f"{_id(f.name)} {_ch_type(f.name, f.type, f.nullable)}" for f in schema]
         order = table.key or (table.range_column,)
         if table.key and table.key[0] != table.range_column:
@@ -349,28 +717,25 @@ class ClickHouseLoader(Loader):
         # counting first (2-20 ms: the range prunes granules) skips the DELETE, a mutation of 25-230 ms, when the
         # range is empty, as it is for most incremental writes
         final = " FINAL" if meta.engine == "ReplacingMergeTree" else ""
-        where, params = _range_sql(table, rows)
+        where, params = _range_sql(table, rows, self._range_type(table, meta, rows))
         count = int(self._rows(table, f"SELECT count() FROM {self._q(table)}{final}{where}", params)[0][0])
         if count:
             self._command(table, f"DELETE FROM {self._q(table)}{where}", params, {"lightweight_deletes_sync": 2})
         return count
 
-    def _append(
-        self, table: TableRef, meta: _Meta, schema: pa.Schema, batches, replace: RowRange | None = None
-    ) -> WriteResult:
-        """Check the data, delete ``replace`` if given, and stream the batches as ``INSERT ... FORMAT ArrowStream``
-        statements of ``insert_rows`` rows each."""
-        self._check(table, meta, schema, can_add=False)
+    def _append(self, table: TableRef, meta: _Meta, schema: pa.Schema, batches, hold: _Hold) -> WriteResult:
+        """Stream the (checked) batches into ``table`` as ``INSERT ... FORMAT ArrowStream`` statements of
+        ``insert_rows`` rows each, cast to ``meta``'s types."""
         tally, target = Tally(), meta.target(schema)
         pending = (self._converted(table, target, batch) for batch in tally.count(batches))
-        batch = next(pending, None)  # a source or type error on the first batch fails before anything is deleted
-        if replace is not None:
-            self._delete(table, meta, replace)
-        commits = 0
+        batch, commits = next(pending, None), 0
         while batch is not None:
+            self._check_held(hold, ask=False)
             body = _ipc_stream(batch, pending, self._insert_rows)
             self._run(
-                lambda c, body=body: c.raw_insert(self._q(table), None, body, _INSERT_SETTINGS, "ArrowStream"),
+                lambda c, q, body=body: c.raw_insert(
+                    self._q(table), None, body, {**_INSERT_SETTINGS, **q}, "ArrowStream"
+                ),
                 table,
                 "insert",
                 retry=False,  # the batches are consumed as they are sent: a retry could not send them again
@@ -403,13 +768,21 @@ def _comment(schema: pa.Schema) -> str:
     return format_str(COMMENT_TAG + schema_to_text(schema))  # DDL takes no bound parameters
 
 
-def _range_sql(table: TableRef, rows: RowRange | None) -> tuple[str, dict]:
+def _literal(tag: str, entry: dict[str, Any]) -> str:
+    from clickhouse_connect.driver.binding import format_str
+
+    return format_str(tag + json.dumps(entry, sort_keys=True))
+
+
+def _range_sql(table: TableRef, rows: RowRange | None, t: pa.DataType | None) -> tuple[str, dict]:
+    """The WHERE clause for ``rows``, its bounds bound in the column's own type ``t`` (checked to fit it)."""
     if rows is None:
         return "", {}
-    clause = f" WHERE {_id(table.range_column)} >= {{lo:UInt64}}"
+    column, ch_type = _id(table.range_column), _SCALARS[t]
+    clause = f" WHERE {column} >= {{lo:{ch_type}}}"
     if rows.end is None:
         return clause, {"lo": rows.start}
-    return f"{clause} AND {_id(table.range_column)} <= {{hi:UInt64}}", {"lo": rows.start, "hi": rows.end}
+    return f"{clause} AND {column} <= {{hi:{ch_type}}}", {"lo": rows.start, "hi": rows.end}
 
 
 def _ipc_stream(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch], limit: int) -> Iterator[bytes]:
@@ -428,6 +801,48 @@ def _is_transient(exc: BaseException) -> bool:
 
     code = getattr(exc, "code", None)
     return code in _TRANSIENT_CODES or (isinstance(exc, OperationalError) and code is None)
+
+
+# -- lock owners: who holds a lock, and whether that process still runs ------------------------------------------
+
+
+@cache
+def _host() -> str | None:
+    """This kernel boot and pid namespace, where the OS tells (Linux): two processes with the same value share a
+    pid space, so one can see whether the other still runs. None elsewhere: locks then rely on the lease alone."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return f"{socket.gethostname()}/{boot}/{namespace}"
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _process() -> dict[str, Any]:
+    """This process, as a lock records its owner."""
+    host = _host()
+    return {"host": host, "pid": os.getpid(), "started": host and _started(os.getpid())}
+
+
+def _alive(owner: dict[str, Any]) -> bool | None:
+    """Whether a lock's owner process still runs, when it ran on this host; None when this host cannot tell. The
+    start time guards against a reused pid."""
+    host = _host()
+    if host is None or owner.get("host") != host or not isinstance(owner.get("pid"), int):
+        return None
+    return _started(owner["pid"]) == owner.get("started")
 
 
 # -- the type map ---------------------------------------------------------------------------------------------
