@@ -45,6 +45,31 @@ _EXPORTS = {
     "DeltaLoader": "loaders.delta",
     "IcebergLoader": "loaders.iceberg",
     "LmdbLoader": "loaders.lmdb",
+    # the sync engine (the function itself: `from amp_dagster.sync import sync`) and its configuration
+    "SyncOptions": "sync",
+    "SyncResult": "sync",
+    "SyncState": "sync",
+    "Progress": "sync",
+    "CheckpointStore": "sync",
+    "MemoryCheckpoints": "sync",
+    "DagsterCheckpoints": "checkpoints",
+    "Pipeline": "pipelines",
+    "load_pipelines": "pipelines",
+    # the Dagster layer
+    "AmpTranslator": "assets",
+    "AmpSyncResource": "assets",
+    "amp_assets": "assets",
+    "build_amp_asset_specs": "assets",
+    "build_amp_assets": "assets",
+    "build_amp_checks": "checks",
+    "build_amp_automation": "sensors",
+    "incremental_sensor": "sensors",
+    "stream_sensor": "sensors",
+    "gap_sensor": "sensors",
+    "refresh_schedule": "sensors",
+    "AmpPipelinesComponent": "component",
+    "build_amp_definitions": "component",
+    "BlockRanges": "partitions",
     # errors and retries
     "AmpDagsterError": "errors",
     "TransientError": "errors",
@@ -55,6 +80,7 @@ _EXPORTS = {
     "SchemaMismatchError": "errors",
     "NotSupportedError": "errors",
     "ConfigError": "errors",
+    "MissingDriverError": "errors",
     "RetryPolicy": "retry",
 }
 
@@ -75,12 +101,22 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .assets import AmpSyncResource as AmpSyncResource
+    from .assets import AmpTranslator as AmpTranslator
+    from .assets import amp_assets as amp_assets
+    from .assets import build_amp_asset_specs as build_amp_asset_specs
+    from .assets import build_amp_assets as build_amp_assets
+    from .checkpoints import DagsterCheckpoints as DagsterCheckpoints
+    from .checks import build_amp_checks as build_amp_checks
+    from .component import AmpPipelinesComponent as AmpPipelinesComponent
+    from .component import build_amp_definitions as build_amp_definitions
     from .devserver.chain import Chain as Chain
     from .devserver.server import DevServer as DevServer
     from .devserver.server import Fault as Fault
     from .errors import AmpDagsterError as AmpDagsterError
     from .errors import AuthenticationError as AuthenticationError
     from .errors import ConfigError as ConfigError
+    from .errors import MissingDriverError as MissingDriverError
     from .errors import NotSupportedError as NotSupportedError
     from .errors import QueryError as QueryError
     from .errors import SchemaMismatchError as SchemaMismatchError
@@ -109,10 +145,24 @@ if TYPE_CHECKING:
     from .loaders.lmdb import LmdbLoader as LmdbLoader
     from .loaders.postgres import PostgresLoader as PostgresLoader
     from .loaders.redis import RedisLoader as RedisLoader
+    from .partitions import BlockRanges as BlockRanges
+    from .pipelines import Pipeline as Pipeline
+    from .pipelines import load_pipelines as load_pipelines
     from .ranges import RowRange as RowRange
     from .retry import RetryPolicy as RetryPolicy
+    from .sensors import build_amp_automation as build_amp_automation
+    from .sensors import gap_sensor as gap_sensor
+    from .sensors import incremental_sensor as incremental_sensor
+    from .sensors import refresh_schedule as refresh_schedule
+    from .sensors import stream_sensor as stream_sensor
     from .sources import AmpQuerySource as AmpQuerySource
     from .sources import CursorSource as CursorSource
     from .sources import FlightSqlSource as FlightSqlSource
     from .sources import Page as Page
     from .sources import Source as Source
+    from .sync import CheckpointStore as CheckpointStore
+    from .sync import MemoryCheckpoints as MemoryCheckpoints
+    from .sync import Progress as Progress
+    from .sync import SyncOptions as SyncOptions
+    from .sync import SyncResult as SyncResult
+    from .sync import SyncState as SyncState

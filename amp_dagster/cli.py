@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sync = commands.add_parser("sync", help="sync a pipeline of a YAML file (checkpoints in DAGSTER_HOME)")
     sync.add_argument("file", help="a pipeline file (pipelines: [...]) or a Dagster component defs.yaml")
-    sync.add_argument("pipeline", nargs="?", help="the pipeline to run (default: every pipeline of the file)")
+    every = "every pipeline of the file; streams run side by side"
+    sync.add_argument("pipeline", nargs="?", help=f"the pipeline to run (default: {every})")
     limit = sync.add_mutually_exclusive_group()
     limit.add_argument("--until-block", type=int, help="stop at the checkpoint that reaches this block")
     limit.add_argument("--seconds", type=float, help="stop cleanly after this many seconds")
@@ -315,14 +316,10 @@ def _store(args):
 
 def _sync(args) -> int:
     from .console import SyncDisplay
-    from .errors import ConfigError
     from .pipelines import load_pipelines
 
     spec = load_pipelines(args.file)
     chosen = [spec.get(args.pipeline)] if args.pipeline else spec.pipelines
-    mode_of = lambda p: args.mode or p.mode  # noqa: E731
-    if len(chosen) > 1 and any(mode_of(p) == "stream" for p in chosen):
-        raise ConfigError("a stream runs until stopped: name the one pipeline to run (amp-dagster sync FILE NAME)")
     store = _store(args)
     stop = threading.Event()
 
@@ -332,23 +329,47 @@ def _sync(args) -> int:
         print("stopping after the current flush...", file=sys.stderr, flush=True)
         stop.set()
 
+    def run(pipeline):
+        result = pipeline.run(store, mode=args.mode, until_block=args.until_block, seconds=args.seconds,
+                              lock_wait=args.wait, progress=lambda p: display.update(pipeline.name, p),
+                              stop=stop)  # fmt: skip
+        display.done(pipeline.name, result)
+        return result.to_json()
+
+    # streams never end, so several run side by side; batch loads run one after another
+    together = len(chosen) > 1 and any((args.mode or p.mode) == "stream" for p in chosen)
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    results = []
     try:
-        for pipeline in chosen:
-            if stop.is_set():
-                break
-            with SyncDisplay(pipeline.name, live=not args.json and sys.stderr.isatty()) as display:
-                result = pipeline.run(store, mode=args.mode, until_block=args.until_block, seconds=args.seconds,
-                                      lock_wait=args.wait, progress=display.update, stop=stop)  # fmt: skip
-                display.done(result)
-            results.append(result.to_json())
+        with SyncDisplay([p.name for p in chosen], live=not args.json and sys.stderr.isatty()) as display:
+            results = _side_by_side(run, chosen, stop) if together else [run(p) for p in chosen]
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
+
+
+def _side_by_side(run, pipelines, stop: threading.Event) -> list:
+    """Run each pipeline in its own thread; the first failure stops the others and is raised."""
+    results, errors = {}, []
+
+    def one(pipeline) -> None:
+        try:
+            results[pipeline.name] = run(pipeline)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=one, args=(p,), name=f"sync-{p.name}") for p in pipelines]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):  # joined in slices, so that signals reach the main thread
+        for thread in threads:
+            thread.join(0.2)
+    if errors:
+        raise errors[0]
+    return [results[p.name] for p in pipelines]
 
 
 def _pipelines(args) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 from .sync import Progress, SyncResult
@@ -36,13 +37,15 @@ def describe(progress: Progress) -> dict[str, str]:
 
 
 class SyncDisplay:
-    """``update`` after each flush, ``done`` at the end; a context manager around one pipeline's sync."""
+    """Progress of one or more pipelines synced at once: ``update(name, progress)`` after each flush,
+    ``done(name, result)`` at the end; a context manager around the syncs."""
 
-    def __init__(self, name: str, live: bool) -> None:
-        self.name, self.live = name, live
+    def __init__(self, names: list[str], live: bool) -> None:
+        self.names, self.live = names, live
         self._live = None
-        self._last_line = 0.0
-        self._latest: Progress | None = None
+        self._lock = threading.Lock()
+        self._last_line: dict[str, float] = {}
+        self._latest: dict[str, Progress] = {}
 
     def __enter__(self) -> SyncDisplay:
         if self.live:
@@ -57,35 +60,39 @@ class SyncDisplay:
         if self._live is not None:
             self._live.__exit__(*exc)
 
-    def update(self, progress: Progress) -> None:
-        self._latest = progress
-        if self._live is not None:
-            self._live.update(self._render())
-        elif time.monotonic() - self._last_line >= 1.0:  # a log line a second at most
-            self._last_line = time.monotonic()
-            fields = " ".join(f"{k}={v}" for k, v in describe(progress).items())
-            print(f"sync {self.name}: {fields}", file=sys.stderr, flush=True)
+    def update(self, name: str, progress: Progress) -> None:
+        with self._lock:
+            self._latest[name] = progress
+            if self._live is not None:
+                self._live.update(self._render())
+            elif time.monotonic() - self._last_line.get(name, 0.0) >= 1.0:  # a log line a second at most
+                self._last_line[name] = time.monotonic()
+                fields = " ".join(f"{k}={v}" for k, v in describe(progress).items())
+                print(f"sync {name}: {fields}", file=sys.stderr, flush=True)
 
-    def done(self, result: SyncResult) -> None:
+    def done(self, name: str, result: SyncResult) -> None:
         state = result.checkpoint
         where = "-" if state is None else state.describe()
         line = (
-            f"sync {self.name}: {result.stopped}; {result.rows:,} rows in {result.duration:.1f} s "
+            f"sync {name}: {result.stopped}; {result.rows:,} rows in {result.duration:.1f} s "
             f"({_number(result.rows_per_s)} rows/s), {result.flushes} flushes, {result.reorgs} reorgs; "
             f"checkpoint {where}"
         )
-        if self._live is not None:
-            self._live.update(self._render())
-            self._live.console.print(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        with self._lock:
+            if self._live is not None:
+                self._live.update(self._render())
+                self._live.console.print(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
 
     def _render(self):
         from rich.table import Table
 
-        table = Table(title=f"amp-dagster sync {self.name}", title_justify="left")
-        figures = describe(self._latest) if self._latest else dict.fromkeys(("rows", "checkpoint", "lag"), "…")
-        for name in figures:
-            table.add_column(name, justify="right")
-        table.add_row(*figures.values())
+        table = Table(title="amp-dagster sync", title_justify="left")
+        table.add_column("pipeline")
+        for column in ("rows", "rows/s", "blocks/s", "checkpoint", "head", "lag", "data", "elapsed"):
+            table.add_column(column, justify="right")
+        for name in self.names:
+            progress = self._latest.get(name)
+            table.add_row(name, *(describe(progress).values() if progress else ["…"] * 8))
         return table

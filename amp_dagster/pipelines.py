@@ -263,6 +263,9 @@ class BlockRangePartitions(_Model):
     kind: Literal["block_ranges"]
     size: int = Field(10_000, ge=1, description="Blocks per partition.")
     start: int = Field(0, ge=0, description="First block of the first partition.")
+    name: str | None = Field(
+        None, pattern=_NAME, description="Name of the dynamic partitions (default: amp_blocks_<size>_<start>)."
+    )
 
 
 class TimePartitions(_Model):
@@ -362,14 +365,24 @@ class Pipeline(_Model):
     def source_for(self, mode: str | None = None):
         return self.source.build(mode or self.mode)
 
-    def run(self, checkpoints, *, mode: str | None = None, ranges: Sequence[RowRange] = (), run_id=None, **options):
-        """Sync this pipeline once (see :func:`amp_dagster.sync.sync`); ``options`` override SyncOptions fields."""
+    def run(
+        self,
+        checkpoints,
+        *,
+        mode: str | None = None,
+        ranges: Sequence[RowRange] = (),
+        run_id: str | None = None,
+        source: Any = None,
+        **options: Any,
+    ):
+        """Sync this pipeline once (see :func:`amp_dagster.sync.sync`); ``options`` override SyncOptions fields,
+        ``source`` replaces the configured one (a wrapper of it, for instance)."""
         from .sync import sync
 
         mode = mode or self.mode
         loader = self.destination.build()
         try:
-            return sync(self.source_for(mode), loader, self.table_ref(), checkpoints, mode,
+            return sync(source or self.source_for(mode), loader, self.table_ref(), checkpoints, mode,
                         self.options(ranges=tuple(ranges), **options), pipeline=self.checkpoint_id,
                         fingerprint=self.fingerprint(), run_id=run_id)  # fmt: skip
         finally:

@@ -94,6 +94,12 @@ class AmpQuerySource:
             pass
         return max(result.ranges, key=lambda r: r.end) if result.ranges else None
 
+    def count(self, rows: RowRange) -> int:
+        """How many rows the query gives for a block range (amp counts; no row is sent)."""
+        inner = _restrict(self.sql, BLOCK_NUM, _bounds(BLOCK_NUM, rows, None))
+        table = self.client.query(f"SELECT count(*) AS n FROM ({inner}) AS amp_count").reader.read_all()
+        return int(table.column("n")[0].as_py())
+
     def read(self, resume: Position | None = None, *, rows: RowRange | None = None) -> Iterator[Event]:
         if resume is not None and not isinstance(resume, Watermark):
             raise TerminalError(f"an amp query resumes from a Watermark, not {type(resume).__name__}")

@@ -150,6 +150,7 @@ class SyncState:
     run_id: str | None = None
     time: str = ""
     ranges: tuple[RowRange, ...] = ()
+    timestamp: int | None = None  # Unix seconds of block ``high``, when the source told
 
     def to_json(self) -> str:
         position: dict | None = None
@@ -167,6 +168,7 @@ class SyncState:
                 "position": position,
                 "ranges": [[r.start, r.end] for r in self.ranges],
                 "rows": self.rows,
+                "timestamp": self.timestamp,
                 "run_id": self.run_id,
                 "time": self.time,
             },
@@ -195,6 +197,7 @@ class SyncState:
                 run_id=obj.get("run_id"),
                 time=obj.get("time", ""),
                 ranges=tuple(RowRange(a, b) for a, b in obj.get("ranges", ())),
+                timestamp=obj.get("timestamp"),
             )
         except (ValueError, KeyError, TypeError, AmpDagsterError) as exc:
             raise TerminalError(
@@ -221,12 +224,15 @@ def range_records(store: CheckpointStore, pipeline: str) -> list[SyncState]:
     return [SyncState.from_json(v) for _, v in sorted(store.scan(f"{KEY_PREFIX}{pipeline}/range/").items())]
 
 
-def effective_high(state: SyncState | None, records: list[SyncState]) -> int | None:
-    """The live checkpoint with explicitly loaded ranges folded in: the highest contiguous loaded value."""
+def effective_high(state: SyncState | None, records: list[SyncState], start: int | None = None) -> int | None:
+    """The live checkpoint with explicitly loaded ranges folded in: the highest contiguous loaded value. Without
+    a live checkpoint, ranges count from ``start`` (the first block of the pipeline's partitions) when given."""
     high = None if state is None else state.high
-    if high is None:
+    if high is None and start is None:
         return None
-    return contiguous_end(high + 1, [r for record in records for r in record.ranges])
+    first = start if high is None else high + 1
+    reached = contiguous_end(first, [r for record in records for r in record.ranges])
+    return None if reached < first and high is None else reached
 
 
 # -- options, progress, result ----------------------------------------------------------------------------------
@@ -602,9 +608,10 @@ class _Run:
         self.store.put(key, state.to_json())
         return state
 
-    def _commit_live(self, high: int | None, position: Position | None, rows: int) -> None:
+    def _commit_live(self, high: int | None, position: Position | None, rows: int, timestamp: int | None = None):
         before = self.committed.rows if self.committed else 0
-        state = SyncState(self.pipeline, self.mode, high=high, position=position, rows=before + rows)
+        state = SyncState(self.pipeline, self.mode, high=high, position=position, rows=before + rows,
+                          timestamp=timestamp)  # fmt: skip
         self.committed = self._checkpoint(live_key(self.pipeline), state)
         self.flushes += 1
         self._report()
@@ -740,8 +747,9 @@ class _Run:
                 else:
                     rows = 0
                 reached = contiguous_end(start, [RowRange(start, chunk.end), *loaded])
-                position = Watermark.at(head.network, head.end, head.hash) if reached == head.end else None
-                self._commit_live(reached, position, rows)
+                at_head = reached == head.end
+                position = Watermark.at(head.network, head.end, head.hash) if at_head else None
+                self._commit_live(reached, position, rows, head.timestamp if at_head else None)
         finally:
             reader.stop()
 
@@ -968,7 +976,8 @@ class _Follower:
             high = last.end if last.end is not None else (None if sync.committed is None else sync.committed.high)
             if last.ranges and last.ranges[0].timestamp is not None:
                 sync.last_timestamp = last.ranges[0].timestamp
-            sync._commit_live(high, last.position, sum(s.spilled for s in complete))
+            stamp = last.ranges[0].timestamp if last.ranges else None
+            sync._commit_live(high, last.position, sum(s.spilled for s in complete), stamp)
             self.segments = self.segments[len(complete) :]
         elif written:
             sync._report()

@@ -144,6 +144,10 @@ class Loader(ABC):
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
         """The table's rows (optionally only a range) as Arrow, batch by batch."""
 
+    def count(self, table: TableRef, rows: RowRange | None = None) -> int:
+        """How many rows the table holds (in a range). Stores that can count without reading override this."""
+        return sum(batch.num_rows for batch in self.read(table, rows))
+
     def close(self) -> None:  # noqa: B027 - loaders without connections have nothing to release
         """Release connections; the loader must not be used afterwards."""
 
