@@ -145,6 +145,7 @@ class AmpSyncResource(dg.ConfigurableResource):
         specs = context.assets_def.specs_by_key
         for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
             pipeline = pipeline_of(specs[key])
+            _check_pool(context.instance, pipeline)
             if pipeline.mode == "stream":
                 yield self._stream(context, key, pipeline, store, options)
             elif context.has_partition_key or context.has_partition_key_range:
@@ -152,7 +153,7 @@ class AmpSyncResource(dg.ConfigurableResource):
             else:
                 started = time.monotonic()
                 result = _interruptible(lambda stop, p=pipeline: p.run(
-                    store, run_id=context.run_id, lock_wait=self.lock_wait, stop=stop, **options))  # fmt: skip
+                    store, run_id=context.run.run_id, lock_wait=self.lock_wait, stop=stop, **options))  # fmt: skip
                 yield dg.MaterializeResult(asset_key=key, metadata=_metadata(pipeline, result, store, started))
 
     def _partitions(self, context, key, pipeline: Pipeline, store, options) -> dg.MaterializeResult:
@@ -166,8 +167,9 @@ class AmpSyncResource(dg.ConfigurableResource):
         counter = _PartitionCounter(pipeline.source_for("incremental"), _partition_bounds(context, ranges))
         result = None
         if ranges:
+            run_id = context.run.run_id
             result = _interruptible(lambda stop: pipeline.run(
-                store, mode="incremental", ranges=ranges, run_id=context.run_id, lock_wait=self.lock_wait, stop=stop,
+                store, mode="incremental", ranges=ranges, run_id=run_id, lock_wait=self.lock_wait, stop=stop,
                 source=counter, **options))  # fmt: skip
         for partition, rows in counter.counts().items():
             context.add_asset_metadata({"dagster/partition_row_count": rows}, asset_key=key, partition_key=partition)
@@ -194,10 +196,23 @@ class AmpSyncResource(dg.ConfigurableResource):
                 context.log_event(event)
 
         result = _interruptible(lambda stop: pipeline.run(
-            store, mode="stream", run_id=context.run_id, lock_wait=self.lock_wait, stop=stop, progress=report,
+            store, mode="stream", run_id=context.run.run_id, lock_wait=self.lock_wait, stop=stop, progress=report,
             **options), tick=flush_events)  # fmt: skip
         flush_events()
         return dg.MaterializeResult(asset_key=key, metadata=_metadata(pipeline, result, store, started))
+
+
+def _check_pool(instance, pipeline: Pipeline) -> None:
+    """A pool nobody limits serializes nothing: refuse it rather than let runs of one pipeline overlap."""
+    if pipeline.pool is None:
+        return
+    limited = {p.name for p in instance.event_log_storage.get_pool_limits()}
+    if pipeline.pool not in limited and instance.get_concurrency_config().pool_config.default_pool_limit is None:
+        raise dg.Failure(
+            f"pool {pipeline.pool!r} has no limit in this Dagster instance, so it would not keep runs of "
+            f"{pipeline.name} apart. Set one with `dagster instance concurrency set {pipeline.pool} 1`, or give "
+            "every pool a limit with `concurrency: {pools: {default_limit: 1}}` in dagster.yaml."
+        )
 
 
 def pipeline_of(spec: dg.AssetSpec) -> Pipeline:

@@ -36,7 +36,8 @@ def postgres_database() -> Iterator[str]:
     host, port = info.get("host", "127.0.0.1"), info.get("port", 5432)
     user = info.get("user") or os.environ.get("PGUSER", "postgres")
     try:
-        yield f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+        # dagster-postgres speaks psycopg2 (with psycopg 3, SQLAlchemy 2.1 breaks its NOTIFY): DAGSTER_NOTES §1
+        yield f"postgresql+psycopg2://{user}@{host}:{port}/{name}"
     finally:
         with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
