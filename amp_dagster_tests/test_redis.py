@@ -291,7 +291,7 @@ def test_a_refused_command_is_a_terminal_error_naming_it(store, client):
 
 
 def test_a_retried_move_changes_nothing(store, client):
-    from amp_dagster.loaders.redis import MOVE
+    from amp_dagster.loaders.redis_scripts import MOVE
 
     loader, table = store.loader(), store.table("logs", key=LOG_KEY)
     logs = data.logs(0, 19)

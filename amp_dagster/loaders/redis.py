@@ -7,13 +7,9 @@ cluster-safe. ``P:meta`` is a hash: ``schema`` (the Arrow schema), ``live`` (the
 ``P:lock`` is the table's lock; ``P:exp`` lists rows with a TTL. In the hash form (default) the area ``P:g<N>`` is
 a sorted set, the block index (member = key text, score = range value), and each row is the hash
 ``P:g<N>:<key text>``. In the stream form ``P:g<N>`` is a stream whose entry IDs are ``<range value>-<n>``.
-Key text joins the key columns' values with ``:`` (integers in decimal, bytes as 0x-hex, strings with ``%`` and
-``:`` escaped). Rows without key columns are keyed ``<range value>:<write number>:<row number>``: a content hash
-would merge identical rows. A key written again replaces the whole row (DEL, then HSET): the last row wins.
-
-Values. Fields are named by column; a null is an absent field, so ``""`` stays distinct. Bytes are raw, strings
-UTF-8, numbers Arrow's exact text (uint64 max, decimal(38,0) extremes and round-trip floats included), temporal
-values their integer count in the type's unit, nested values JSON with bytes as 0x-hex.
+Key text joins the key columns' values with ``:``; rows without key columns are keyed ``<range value>:<write
+number>:<row number>``: a content hash would merge identical rows. A key written again replaces the whole row (DEL,
+then HSET): the last row wins. How values are encoded: resp.py.
 
 Ranges. Scores are doubles, exact up to 2^53, so the hash form refuses range values beyond ±2^53; stream IDs are
 unsigned, so the stream form refuses negative ones. Deleting a range is one script, ZRANGE BYSCORE in pages then
@@ -38,7 +34,6 @@ those expired since the last write (reads skip these). The stream form sets it o
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import select
 import socket
@@ -46,8 +41,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -57,142 +50,15 @@ import pyarrow.compute as pc
 from ..errors import AmpDagsterError, ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
+from . import resp
 from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, key_columns
-from .encoding import hex_strings, is_binary_like, json_arrays, json_strings
+from .redis_scripts import DROP, FLIP, LEASE, MOVE, READ, TRIM, XDROP, XREAD
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 EXACT = 2**53  # the largest integer a sorted-set score (a double) holds exactly
-CHUNK = 16_384  # rows framed per send: ~10 MB of commands for amp's logs, so memory stays bounded
 LEASE_MS = 30_000  # how long a lock outlives its writer's last heartbeat
 PAGE = 10_000  # index members per script call in long server-side loops, so the server never blocks long
-
-_DROP = """local function drop(area, lo, hi, limit)
-  local n, seen = 0, 0
-  while seen < limit do
-    local m = redis.call('ZRANGE', area, lo, hi, 'BYSCORE', 'LIMIT', 0, 1000)
-    if #m == 0 then break end
-    local keys = {}
-    for i, k in ipairs(m) do keys[i] = area .. ':' .. k end
-    n = n + redis.call('UNLINK', unpack(keys))
-    redis.call('ZREM', area, unpack(m))
-    seen = seen + #m
-  end
-  return n
-end
-"""
-DROP = _DROP + "return drop(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]))"
-# KEYS meta, lock, stage area; ARGV token, low, high, stage, key base. Delete the range from the live area (read
-# here, not by the caller), move every staged row in (RENAME keeps its TTL), unlist the stage. -2: the lock is
-# lost; -1: the stage was dropped as dead; a stage already moved (a retry after a lost reply) changes nothing.
-MOVE = (
-    _DROP
-    + """if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -2 end
-if redis.call('HEXISTS', KEYS[1], 'stage:' .. ARGV[4]) == 0 then
-  return redis.call('HGET', KEYS[1], 'moved') == ARGV[4] and 0 or -1
-end
-local live = ARGV[5] .. redis.call('HGET', KEYS[1], 'live')
-local n = drop(live, ARGV[2], ARGV[3], math.huge)
-while true do
-  local m = redis.call('ZRANGE', KEYS[3], 0, 999, 'WITHSCORES')
-  if #m == 0 then break end
-  local add, rem = {}, {}
-  for i = 1, #m, 2 do
-    redis.pcall('RENAME', KEYS[3] .. ':' .. m[i], live .. ':' .. m[i])  -- a staged row may have expired
-    add[#add + 1] = m[i + 1]; add[#add + 1] = m[i]; rem[#rem + 1] = m[i]
-  end
-  redis.call('ZADD', live, unpack(add))
-  redis.call('ZREM', KEYS[3], unpack(rem))
-end
-redis.call('HDEL', KEYS[1], 'stage:' .. ARGV[4])
-redis.call('HSET', KEYS[1], 'moved', ARGV[4])
-return n"""
-)
-# KEYS meta, lock; ARGV token, stage, then the table's settings as field/value pairs. The old area is listed as
-# a stage, so that it is dropped even if this writer dies before dropping it. Codes as in MOVE.
-FLIP = """if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -2 end
-local live = redis.call('HGET', KEYS[1], 'live')
-if live == ARGV[2] then return 0 end
-if redis.call('HDEL', KEYS[1], 'stage:' .. ARGV[2]) == 0 then return -1 end
-if live then redis.call('HSET', KEYS[1], 'stage:' .. live, 1) end
-redis.call('HSET', KEYS[1], 'live', ARGV[2], unpack(ARGV, 3))
-return 1"""
-# renew (ARGV[2] = milliseconds) or release (ARGV[2] = 0) the lock, only while it holds this writer's token
-LEASE = """if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])"""
-# KEYS meta, exp; ARGV key base, now (s), page. Unindex the rows due to expire by now that are gone; a row still
-# there (written again since, or by a client whose clock runs ahead) is listed again for when it expires
-TRIM = """local area = ARGV[1] .. redis.call('HGET', KEYS[1], 'live')
-local due = redis.call('ZRANGE', KEYS[2], '-inf', ARGV[2], 'BYSCORE', 'LIMIT', 0, ARGV[3])
-for _, k in ipairs(due) do
-  local left = redis.call('PTTL', area .. ':' .. k)
-  if left == -2 then redis.call('ZREM', area, k) end
-  if left > 0 then redis.call('ZADD', KEYS[2], ARGV[2] + left / 1000, k) else redis.call('ZREM', KEYS[2], k) end
-end
-return #due"""
-# XDEL the range, then set the stream's last ID back to its top entry so that the range can be appended again
-XDROP = """local n = 0
-while true do
-  local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', 1000)
-  if #e == 0 then break end
-  local ids = {}
-  for i, x in ipairs(e) do ids[i] = x[1] end
-  n = n + redis.call('XDEL', KEYS[1], unpack(ids))
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  redis.call('XSETID', KEYS[1], top[1] and top[1][1] or '0-0')
-end
-return n"""
-# reads answer one page as two strings, all values and their int32 lengths (-1 = null), so Python parses
-# no value one by one
-_PUT = """local vals, lens = {}, {}
-local function put(v) vals[#vals + 1] = v or ''; lens[#lens + 1] = struct.pack('<i4', v and #v or -1) end
-"""
-# rows by index rank (the range column first: absent means the row expired)
-READ = (
-    _PUT
-    + """for _, k in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])) do
-  local v = redis.call('HMGET', KEYS[1] .. ':' .. k, unpack(ARGV, 3))
-  if v[1] then for i = 1, #ARGV - 2 do put(v[i]) end end
-end
-return {table.concat(vals), table.concat(lens)}"""
-)
-XREAD = (
-    _PUT
-    + """local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
-for _, x in ipairs(e) do
-  local row = {}
-  for i = 1, #x[2], 2 do row[x[2][i]] = x[2][i + 1] end
-  for i = 4, #ARGV do put(row[ARGV[i]]) end
-end
-return {table.concat(vals), table.concat(lens), #e > 0 and e[#e][1] or ''}"""
-)
-
-
-def _b(value: bytes) -> pa.Scalar:
-    return pa.scalar(value, pa.binary())
-
-
-def _arg(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-EMPTY = _b(b"")
-
-
-@dataclass
-class _Write:
-    """One write into one area: what each chunk of rows becomes."""
-
-    table: TableRef
-    area: bytes
-    exp: bytes
-    form: str
-    number: int = 0  # the write number in keys of rows without key columns
-    rows: int = 0
-    ttl: int | None = None
 
 
 class RedisLoader(Loader):
@@ -337,8 +203,8 @@ class RedisLoader(Loader):
 
         def batches() -> Iterator[pa.RecordBatch]:
             for values, lengths, *_ in pages:
-                flat, k = _unpack(values, lengths), len(fields)
-                columns = [_decode(flat.take(np.arange(i, len(flat), k)), f.type) for i, f in enumerate(order)]
+                flat, k = resp.unpack(values, lengths), len(fields)
+                columns = [resp.decode(flat.take(np.arange(i, len(flat), k)), f.type) for i, f in enumerate(order)]
                 yield pa.RecordBatch.from_arrays(columns, schema=order).select(schema.names)
 
         return pa.RecordBatchReader.from_batches(schema, batches())
@@ -393,9 +259,9 @@ class RedisLoader(Loader):
         for field in schema:
             try:
                 empty = pa.nulls(1, field.type)
-                _decode(_encode(empty), field.type)
+                resp.decode(resp.encode(empty), field.type)
                 if field.name in table.key:
-                    _key_text(empty)
+                    resp.key_text(empty)
             except Exception as exc:
                 raise TerminalError(
                     f"Redis table {table}: column {field.name!r} has Arrow type {field.type}, which the Redis loader "
@@ -449,10 +315,10 @@ class RedisLoader(Loader):
             "again: an append may be partly stored, a range replace or full refresh changed nothing."
         )
 
-    def _write(self, table: TableRef, area: bytes) -> _Write:
+    def _write(self, table: TableRef, area: bytes) -> resp.Write:
         keyless = not table.key and self.form == "hash"
         number = self._call(lambda: self._client.hincrby(self._key(table, "meta"), "seq"), table) if keyless else 0
-        return _Write(table, self._key(table, area), self._key(table, "exp"), self.form, number, ttl=self.ttl)
+        return resp.Write(table, self._key(table, area), self._key(table, "exp"), self.form, number, ttl=self.ttl)
 
     def _stage(self, table: TableRef, batches: Iterable[pa.RecordBatch], commit: Callable[[bytes], int]) -> None:
         """Load into a fresh area, listed in meta while it is staged, then ``commit`` it with a script (-2 or -1:
@@ -525,32 +391,19 @@ class RedisLoader(Loader):
 
     # -- the write path: whole columns → RESP → one raw pipelined socket -------------------------------------
 
-    def _send(self, w: _Write, batches: Iterable[pa.RecordBatch]) -> None:
+    def _send(self, w: resp.Write, batches: Iterable[pa.RecordBatch]) -> None:
         """Frame and send every batch, then count the replies; one raw socket per loader, so threads take turns."""
+
+        def chunks() -> Iterator[tuple[list, int]]:
+            for batch in batches:
+                _guard(w, batch)
+                for start in range(0, batch.num_rows, resp.CHUNK):
+                    yield resp.frame(w, batch.slice(start, resp.CHUNK))
+
         with self._lock:
             sock = self._socket(w.table)
-            replies, state, sending = 0, _Replies(), None
-
-            def push(buffers: list) -> None:
-                for buffer in buffers:
-                    sock.sendall(buffer)
-                state.drain(sock, wait=False)
-
-            # one thread sends chunk i (the GIL is released in sendall) while this one frames chunk i+1, so the
-            # server never waits for the encoder; at most two chunks are in memory
             try:
-                with ThreadPoolExecutor(1, thread_name_prefix="amp-redis-send") as pool:
-                    for batch in batches:
-                        _guard(w, batch)
-                        for start in range(0, batch.num_rows, CHUNK):
-                            buffers, expect = _frame(w, batch.slice(start, CHUNK))
-                            if sending is not None:
-                                sending.result()
-                            sending, replies = pool.submit(push, buffers), replies + expect
-                    if sending is not None:
-                        sending.result()
-                while state.count < replies:
-                    state.drain(sock, wait=True)
+                replies = resp.pipeline(sock, chunks())
             except OSError as exc:
                 self._drop_socket()
                 raise TransientError(
@@ -561,9 +414,9 @@ class RedisLoader(Loader):
             except BaseException:
                 self._drop_socket()  # unread replies would confuse the next write on this socket
                 raise
-        if state.error:
+        if replies.error:
             raise TerminalError(
-                f"Redis {self.where} table {w.table}: the server refused a command: {state.error}. Other rows of "
+                f"Redis {self.where} table {w.table}: the server refused a command: {replies.error}. Other rows of "
                 "the write may be stored. WRONGTYPE: a key of the table is used by other data; stream IDs: the "
                 "stream form appends in range order (delete from the first range to rewrite)."
             )
@@ -582,8 +435,8 @@ class RedisLoader(Loader):
             sock = socket.create_connection((self._host, self._port), timeout=self._timeouts[0])
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self._timeouts[1])
-            sock.sendall(b"".join(b"*%d\r\n" % len(c) + b"".join(map(_arg, c)) for c in commands))
-            replies = _Replies()
+            sock.sendall(b"".join(resp.command(*c) for c in commands))
+            replies = resp.Replies()
             while replies.count < len(commands):
                 replies.drain(sock, wait=True)
             if replies.error:
@@ -622,31 +475,6 @@ class RedisLoader(Loader):
         return TerminalError(f"{where}: {scrub(str(exc), self._secret)}")
 
 
-class _Replies:
-    """Counts RESP replies in bulk and keeps the first error; no reply is parsed one by one.
-
-    The commands sent (HSET, ZADD, DEL, EXPIRE, XADD, AUTH, SELECT) answer with an integer (``:``), a simple
-    string (``+``), an error (``-``) or a bulk stream ID (``$``, then a line starting with a digit), so every
-    reply, and only a reply, starts a line with one of ``:+-$``.
-    """
-
-    def __init__(self) -> None:
-        self.count, self.error, self._last = 0, "", b"\n"
-
-    def drain(self, sock: socket.socket, wait: bool) -> None:
-        """Read what has arrived; with ``wait``, block for at least one read (up to the socket's timeout)."""
-        while wait or select.select([sock], [], [], 0)[0]:
-            data = sock.recv(1 << 20)
-            if not data:
-                raise ConnectionResetError("the server closed the connection")
-            seen = self._last + data
-            self.count += sum(seen.count(start) for start in (b"\n:", b"\n+", b"\n-", b"\n$"))
-            at = seen.find(b"\n-")
-            if at >= 0 and not self.error:
-                self.error = seen[at + 2 :].split(b"\r", 1)[0].decode(errors="replace")
-            self._last, wait = data[-1:], False
-
-
 def _is_transient(exc: BaseException) -> bool:
     import redis
 
@@ -663,7 +491,7 @@ def _bounds(rows: RowRange) -> tuple[str, str]:
     return ("+inf" if rows.start > EXACT else str(rows.start)), high
 
 
-def _guard(w: _Write, batch: pa.RecordBatch) -> None:
+def _guard(w: resp.Write, batch: pa.RecordBatch) -> None:
     """What the block index cannot hold (nulls and ranges are checked by checked_batches)."""
     bounds = pc.min_max(batch.column(w.table.range_column))
     low, high = bounds["min"].as_py(), bounds["max"].as_py()
@@ -677,140 +505,3 @@ def _guard(w: _Write, batch: pa.RecordBatch) -> None:
         f"Redis table {w.table}: range column {w.table.range_column!r} {problem}. "
         "Filter or shift the values in the query, or use another range column."
     )
-
-
-# -- encodings (whole columns, no per-row Python) ---------------------------------------------------------
-
-
-def _int_type(t: pa.DataType) -> pa.DataType | None:
-    """The integer that a temporal type counts in, or None for other types."""
-    temporal = pa.types.is_temporal(t)
-    return (pa.int64() if t.bit_width == 64 else pa.int32()) if temporal else None
-
-
-def _is_text(t: pa.DataType) -> bool:
-    return is_binary_like(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _encode(a: pa.Array) -> pa.Array:
-    """Any column as binary values, nulls kept."""
-    t = a.type
-    if pa.types.is_dictionary(t):
-        return _encode(a.dictionary_decode())
-    if _is_text(t):
-        return a.cast(pa.binary())
-    if pa.types.is_nested(t):
-        return json_strings(a).cast(pa.binary())
-    if _int_type(t) is not None:
-        a = a.cast(_int_type(t))
-    return a.cast(pa.string()).cast(pa.binary())
-
-
-def _decode(v: pa.Array, t: pa.DataType) -> pa.Array:
-    """The inverse of :func:`_encode`, back to the original type."""
-    if pa.types.is_dictionary(t):
-        return _decode(v, t.value_type).dictionary_encode().cast(t)
-    if pa.types.is_null(t):
-        return pa.nulls(len(v))
-    if _is_text(t):
-        return v.cast(t)
-    if pa.types.is_nested(t):
-        return json_arrays(v.cast(pa.string()), t)
-    text = v.cast(pa.string())
-    return text.cast(_int_type(t)).cast(t) if _int_type(t) is not None else text.cast(t)
-
-
-def _key_text(a: pa.Array) -> pa.Array:
-    if pa.types.is_nested(a.type):
-        raise TypeError("nested values cannot be keys")
-    if is_binary_like(a.type):
-        return hex_strings(a).cast(pa.binary())
-    text = pc.replace_substring(_encode(a).cast(pa.string()), "%", "%25")
-    return pc.replace_substring(text, ":", "%3A").cast(pa.binary())
-
-
-def _join(*parts: bytes | pa.Array, nulls: str = "skip") -> pa.Array:
-    """Concatenate per row: bytes are constants (adjacent ones merged into one), arrays give one value a row."""
-    merged: list = []
-    for part in parts:
-        if isinstance(part, bytes) and merged and isinstance(merged[-1], bytes):
-            merged[-1] += part
-        else:
-            merged.append(part)
-    scalars = (_b(p) if isinstance(p, bytes) else p for p in merged)
-    return pc.binary_join_element_wise(*scalars, EMPTY, null_handling=nulls)
-
-
-def _bulk(column: pa.Array, before: bytes = b"") -> list:
-    """``before``, then each value as a RESP bulk string (``$<len>``, CRLF, the value, CRLF): parts for _join.
-
-    A column with nulls comes back as one joined array that is null where the value is, so that a row's join
-    leaves the field out whole; fixed-size bytes get a constant length prefix.
-    """
-    values = _encode(column)
-    if pa.types.is_fixed_size_binary(column.type):
-        parts = [before + b"$%d\r\n" % column.type.byte_width, values, b"\r\n"]
-    else:
-        length = pc.binary_length(values).cast(pa.string()).cast(pa.binary())
-        parts = [before + b"$", length, b"\r\n", values, b"\r\n"]
-    return [_join(*parts, nulls="emit_null")] if values.null_count else parts
-
-
-def _unpack(values: bytes, lengths: bytes) -> pa.Array:
-    """A page of values from the read scripts as one binary array."""
-    sizes = np.frombuffer(lengths, "<i4")
-    offsets = np.zeros(len(sizes) + 1, np.int32)
-    np.cumsum(np.maximum(sizes, 0), out=offsets[1:])
-    valid = sizes >= 0
-    mask = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
-    return pa.Array.from_buffers(pa.binary(), len(sizes), [mask, pa.py_buffer(offsets), pa.py_buffer(values)])
-
-
-def _payload(a: pa.Array) -> pa.Buffer:
-    """The concatenated values of a binary array, without a copy."""
-    if not len(a):
-        return pa.py_buffer(b"")
-    offsets = np.frombuffer(a.buffers()[1], np.int32)
-    return a.buffers()[2][offsets[a.offset] : offsets[a.offset + len(a)]]
-
-
-def _frame(w: _Write, batch: pa.RecordBatch) -> tuple[list, int]:
-    """A chunk of rows as RESP buffers ready to send, and how many replies they will produce."""
-    n = batch.num_rows
-    ranges = _encode(batch.column(w.table.range_column))
-    if w.table.key:
-        members = pc.binary_join_element_wise(*(_key_text(batch.column(k)) for k in w.table.key), _b(b":"))
-    else:
-        numbers = pa.array(np.arange(w.rows, w.rows + n)).cast(pa.string()).cast(pa.binary())
-        members = _join(ranges, b":%d:" % w.number, numbers)
-    w.rows += n
-    fields, nulls = [], []
-    for name, column in zip(batch.schema.names, batch.columns, strict=True):
-        fields += _bulk(column, _arg(name.encode()))
-        if column.null_count:
-            nulls.append(pc.cast(pc.is_null(column), pa.int64()))
-    base = (2 if w.form == "hash" else 3) + 2 * batch.num_columns
-    verb = b"$4\r\nHSET\r\n" if w.form == "hash" else b"$4\r\nXADD\r\n" + _arg(w.area)
-    if nulls:  # the argument count differs per row
-        count = pc.subtract(base, pc.multiply(2, functools.reduce(pc.add, nulls)))
-        head = [b"*", count.cast(pa.string()).cast(pa.binary()), b"\r\n" + verb]
-    else:
-        head = [b"*%d\r\n" % base + verb]
-    if w.form == "stream":
-        rows = _join(*head, *_bulk(_join(ranges, b"-*")), *fields)
-        expire = [b"*3\r\n$6\r\nEXPIRE\r\n" + _arg(w.area) + _arg(b"%d" % w.ttl)] if w.ttl else []
-        return [_payload(rows), *expire], n + len(expire)
-    keys = _bulk(_join(w.area + b":", members))
-    parts = [*head, *keys, *fields]
-    if w.table.key:  # a key written again is a new row, not the old one with some fields changed (a null is an
-        parts = [b"*2\r\n$3\r\nDEL\r\n", *keys, *parts]  # absent field); keys of keyless rows are always new
-    # the index goes first: an index entry whose row never arrived is skipped by reads and removed by deletes,
-    # while a row without an index entry could never be deleted by range
-    zadd = b"*%d\r\n$4\r\nZADD\r\n" % (2 + 2 * n)
-    buffers = [zadd + _arg(w.area), _payload(_join(*_bulk(ranges), *_bulk(members)))]
-    if w.ttl:
-        parts += [b"*3\r\n$6\r\nEXPIRE\r\n", *keys, _arg(b"%d" % w.ttl)]
-        due = _arg(b"%d" % (time.time() + w.ttl + 1))
-        buffers += [zadd + _arg(w.exp), _payload(_join(due, *_bulk(members)))]
-    buffers.append(_payload(_join(*parts)))
-    return buffers, 1 + bool(w.ttl) + n * (1 + bool(w.table.key) + bool(w.ttl))
