@@ -484,3 +484,25 @@ def test_json_arrays_and_unhex_invert_json_strings_and_hex_strings():
         assert json_arrays(json_strings(array), array.type).equals(array)
         assert json_arrays(json_strings(array.slice(1)), array.type).equals(array.slice(1))
     assert json_arrays(pa.array([], pa.string()), mapped.type).equals(pa.array([], mapped.type))
+
+
+def test_a_null_in_a_key_column_is_a_terminal_error_naming_it_and_nothing_is_written(store, client):
+    loader, table = store.loader(), store.table("kv", key=("k", "j"))
+    kv = pa.schema([("_block_num", pa.uint64()), ("k", pa.int64()), ("j", pa.string()), ("v", pa.string())])
+    loader.ensure_table(table, kv)
+    good = pa.table({"_block_num": [1, 2, 3], "k": [1, 2, 3], "j": ["a", "b", "c"], "v": ["x", "y", "z"]}, kv)
+    loader.write(table, good)
+    keys = set(store.keys())
+    bad = pa.table({"_block_num": [1, 2, 3], "k": [7, None, None], "j": ["a", "b", "c"], "v": ["p", "q", "r"]}, kv)
+    calls = {
+        "append": lambda: loader.write(table, bad),
+        "range replace": lambda: loader.write(table, bad, replace=RowRange(1, 3)),
+        "upsert": lambda: loader.upsert(table, bad),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TerminalError, match=r"key column 'k' has 2 null value") as caught:
+            call()
+        assert not isinstance(caught.value, TransientError), name  # so it is not retried
+        assert f"table {store.namespace}.kv" in str(caught.value)
+    assert set(store.keys()) == keys
+    assert loader.read(table).read_all().sort_by("k").equals(good)

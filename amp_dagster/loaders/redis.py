@@ -492,7 +492,14 @@ def _bounds(rows: RowRange) -> tuple[str, str]:
 
 
 def _guard(w: resp.Write, batch: pa.RecordBatch) -> None:
-    """What the block index cannot hold (nulls and ranges are checked by checked_batches)."""
+    """What keys and the block index cannot hold (null range values are refused by checked_batches)."""
+    for name in w.table.key if w.form == "hash" else ():
+        if nulls := batch.column(name).null_count:
+            raise TerminalError(
+                f"Redis table {w.table}: key column {name!r} has {nulls} null value(s) in a batch of "
+                f"{batch.num_rows} rows, and a row's key names its hash. Fill or filter them in the query, or key "
+                "the table by columns without nulls."
+            )
     bounds = pc.min_max(batch.column(w.table.range_column))
     low, high = bounds["min"].as_py(), bounds["max"].as_py()
     if w.form == "hash" and (low < -EXACT or high > EXACT):
