@@ -506,3 +506,15 @@ def test_a_null_in_a_key_column_is_a_terminal_error_naming_it_and_nothing_is_wri
         assert f"table {store.namespace}.kv" in str(caught.value)
     assert set(store.keys()) == keys
     assert loader.read(table).read_all().sort_by("k").equals(good)
+
+
+def test_a_range_beyond_the_range_columns_type_is_refused_by_read_and_delete(store):
+    loader, table = store.loader(), store.table("small", key=("_block_num",))
+    rows = pa.table({"_block_num": pa.array([1, 2, 3], pa.uint16())})
+    loader.ensure_table(table, rows.schema)
+    loader.write(table, rows)
+    for call in (lambda: loader.read(table, RowRange(0, 2**16)), lambda: loader.delete(table, RowRange(2**16))):
+        with pytest.raises(TerminalError, match=r"'_block_num' \(uint16\).*65536.*outside 0..=65535"):
+            call()
+    assert loader.read(table, RowRange(2, 2**16 - 1)).read_all()["_block_num"].to_pylist() == [2, 3]
+    assert loader.read(table).read_all().num_rows == 3

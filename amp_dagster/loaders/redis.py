@@ -170,7 +170,10 @@ class RedisLoader(Loader):
     def delete(self, table: TableRef, rows: RowRange) -> int:
         with self._locked(table):
             meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
-            return self._drop(table, meta, rows) if b"live" in meta else 0
+            if b"live" not in meta:
+                return 0
+            self._check(table, meta, rows)
+            return self._drop(table, meta, rows)
 
     def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
         schema, batches = checked_batches(data, table, self.store)
@@ -195,6 +198,8 @@ class RedisLoader(Loader):
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
         meta = self._meta(table)
         schema = self._stored(table, meta)
+        if rows is not None:
+            self._check(table, meta, rows)
         area = self._key(table, meta[b"live"])
         names = [table.range_column, *(n for n in schema.names if n != table.range_column)]
         fields = [n.encode() for n in names]
@@ -253,6 +258,11 @@ class RedisLoader(Loader):
         if schema is None:
             raise TerminalError(f"Redis table {table}: its stored schema is unreadable; rebuild it with replace_table.")
         return schema
+
+    def _check(self, table: TableRef, meta: dict[bytes, bytes], rows: RowRange) -> None:
+        """A range must fit the stored range column's type before it selects anything."""
+        t = self._stored(table, meta).field(table.range_column).type
+        rows.check(table.range_column, t, f"Redis {self.where} table {table}")
 
     def _probe(self, table: TableRef, schema: pa.Schema) -> None:
         """Every column must survive the value encoding, and key columns the key encoding."""
