@@ -4,8 +4,8 @@ Keys. ``P`` is ``<prefix>:{<namespace>:<table>}`` (``%:{}`` %-escaped in the nam
 key); the braces make it a hash tag, so all keys of a table sit in one cluster slot and the scripts stay
 cluster-safe. ``P:meta`` is a hash: ``schema`` (the Arrow schema), ``live`` (the current area ``g<N>``), ``form``,
 ``key``, ``range``, ``seq`` (a counter), and ``stage:g<N>`` for each area being staged or waiting to be dropped.
-``P:lock`` is the table's lock; ``P:exp`` lists rows with a TTL. In the hash form (default) the area ``P:g<N>`` is
-a sorted set, the block index (member = key text, score = range value), and each row is the hash
+``P:lock`` and ``P:owner`` are the table's lock; ``P:exp`` lists rows with a TTL. In the hash form (default) the
+area ``P:g<N>`` is a sorted set, the block index (member = key text, score = range value), and each row is the hash
 ``P:g<N>:<key text>``. In the stream form ``P:g<N>`` is a stream whose entry IDs are ``<range value>-<n>``.
 Key text joins the key columns' values with ``:``; rows without key columns are keyed ``<range value>:<write
 number>:<row number>``: a content hash would merge identical rows. A key written again replaces the whole row (DEL,
@@ -15,16 +15,17 @@ Ranges. Scores are doubles, exact up to 2^53, so the hash form refuses range val
 unsigned, so the stream form refuses negative ones. Deleting a range is one script, ZRANGE BYSCORE in pages then
 UNLINK and ZREM: O(log N + M) and atomic.
 
-Concurrency. Writes, deletes and full refreshes hold the table's lock, ``SET P:lock <token> NX PX``, renewed by a
-heartbeat, so a crashed writer's lock expires within 30 s. The commit scripts (the range move, the refresh's
-flip) check the token, so a writer that lost its lock cannot commit; under the lock every listed stage is dead.
+Concurrency. Writes, deletes and full refreshes hold the table's lock, a 1.5 s lease renewed by a heartbeat, so a
+dead writer's lock passes on within 1.5 s; fencing keeps a writer that lost its lock from changing anything
+afterwards (redis_lock.py). Under the lock, every listed stage is dead.
 
 Atomicity. ``write(replace=...)`` stages rows in a fresh area; one script then deletes the range and RENAMEs them
 in. ``replace_table`` stages a whole area; one script flips ``live`` and lists the old area, dropped in pages
 afterwards. A failure before the commit leaves the table as it was and drops the staged keys. The move blocks the
 server about 5 µs a row (0.5 s for 100k rows): the price of readers never seeing half a range, so replace ranges
-of partition size. Plain appends are pipelined and not atomic. The stream form replaces only a tail range (a
-delete, then an append, not atomic) and has no upsert.
+of partition size (a move longer than the lease still commits, but lets a waiting writer in right after it).
+Plain appends are pipelined and not atomic. The stream form replaces only a tail range (a delete, then an append,
+not atomic) and has no upsert.
 
 TTL. ``ttl`` seconds sets EXPIRE on each row hash and lists the row in ``P:exp``, scored by when it expires; each
 write of the hash form unindexes the listed rows that are gone, so the index holds no more than the live rows and
@@ -34,14 +35,11 @@ those expired since the last write (reads skip these). The stream form sets it o
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import select
-import socket
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -53,11 +51,11 @@ from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
 from . import resp
 from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, key_columns
-from .redis_scripts import DROP, FLIP, LEASE, MOVE, READ, TRIM, XDROP, XREAD
+from .redis_lock import LEASE_MS, Held, holding
+from .redis_scripts import DELETE, DISCARD, FLIP, MOVE, READ, STAGE, SWEEP, TRIM, XDELETE, XREAD
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 EXACT = 2**53  # the largest integer a sorted-set score (a double) holds exactly
-LEASE_MS = 30_000  # how long a lock outlives its writer's last heartbeat
 PAGE = 10_000  # index members per script call in long server-side loops, so the server never blocks long
 
 
@@ -67,6 +65,9 @@ class RedisLoader(Loader):
     ``url`` is ``redis://[[user]:password@]host:port/db``. ``prefix`` starts every key. ``form`` is ``"hash"``
     or ``"stream"``. ``ttl`` (seconds) expires rows. ``timeout`` bounds one command, which includes the range
     scripts. ``lock_wait`` (seconds) bounds the wait for another writer of the same table.
+
+    The server's user needs CLIENT ID and CLIENT KILL besides the data commands: the table lock fences writers
+    with them (redis_lock.py).
 
     >>> with RedisLoader("redis://127.0.0.1:6379/0", ttl=86_400) as rd:  # doctest: +SKIP
     ...     t = TableRef("logs", namespace="eth", key=("block_num", "log_index"))
@@ -106,7 +107,7 @@ class RedisLoader(Loader):
         self._user, self._secret = info.get("username"), info.get("password") or ""
         self.where = f"{self._host}:{self._port}/{self._db}"
         self.prefix, self.form, self.ttl, self.lock_wait = prefix, form, ttl, lock_wait
-        self._timeouts, self._retry = (connect_timeout, timeout), retry
+        self._retry = retry
         if form == "stream":  # a stream cannot replace a middle range atomically nor rows by key
             self.capabilities = Capabilities(False, True, False, True, 65_536)
         self._client = redis.Redis(
@@ -114,8 +115,12 @@ class RedisLoader(Loader):
             socket_connect_timeout=connect_timeout, socket_timeout=timeout,
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         )  # fmt: skip
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
+        auth = (
+            [[b"AUTH", *([self._user.encode()] if self._user else []), self._secret.encode()]] if self._secret else []
+        )
+        self._pipe = resp.Pipe(
+            (self._host, self._port), (connect_timeout, timeout), [*auth, [b"SELECT", b"%d" % self._db]]
+        )
 
     # -- the Loader seam ------------------------------------------------------------------------------------
 
@@ -140,11 +145,11 @@ class RedisLoader(Loader):
     def write(self, table: TableRef, data: ArrowData, *, replace: RowRange | None = None) -> WriteResult:
         schema, batches = checked_batches(data, table, self.store, replace)
         tally = Tally()
-        with self._locked(table) as token:
-            meta, stored = self._open(table, schema)
+        with self._locked(table) as held:
+            meta, stored = self._open(table, schema, held)
             batches = (cast_columns(b, stored, store=self.store, table=table) for b in tally.count(batches))
             if replace is None:
-                self._send(self._write(table, meta[b"live"]), batches)
+                self._send(self._write(table, meta[b"live"]), batches, held)
             elif self.form == "stream":
                 after = "+" if replace.end is None else str(replace.end + 1)
                 live = self._key(table, meta[b"live"])
@@ -153,40 +158,34 @@ class RedisLoader(Loader):
                         f"Redis table {table}: the stream form replaces only the tail, but rows after {replace} "
                         'exist. Delete from the range start first, or use form="hash" to replace middle ranges.'
                     )
-                self._drop(table, meta, replace)
-                self._send(self._write(table, meta[b"live"]), batches)
+                self._drop(table, meta, replace, held)
+                self._send(self._write(table, meta[b"live"]), batches, held)
             else:
-                keys, base = (self._key(table, "meta"), self._key(table, "lock")), self._key(table, "")
                 bounds = _bounds(replace)
-                self._stage(
-                    table,
-                    batches,
-                    lambda stage: self._client.eval(MOVE, 3, *keys, base + stage, token, *bounds, stage, base),
-                )
+                self._stage(table, held, batches, lambda stage: self._fenced(table, MOVE, held, stage, *bounds, stage))
             if self.form == "hash":
-                self._trim(table)
+                self._trim(table, held)
         return tally.result()
 
     def delete(self, table: TableRef, rows: RowRange) -> int:
-        with self._locked(table):
-            meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
-            if b"live" not in meta:
-                return 0
-            self._check(table, meta, rows)
-            return self._drop(table, meta, rows)
+        meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
+        if b"live" not in meta:
+            return 0
+        self._check(table, meta, rows)
+        with self._locked(table) as held:
+            return self._drop(table, meta, rows, held)
 
     def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
         schema, batches = checked_batches(data, table, self.store)
         self._probe(table, schema)
         tally = Tally()
-        with self._locked(table) as token:
-            self._sweep(table)
+        with self._locked(table) as held:
+            self._sweep(table, held)
             settings = [x for pair in self._fields(table, schema).items() for x in pair]
-            keys = self._key(table, "meta"), self._key(table, "lock")
             self._stage(
-                table, tally.count(batches), lambda stage: self._client.eval(FLIP, 2, *keys, token, stage, *settings)
+                table, held, tally.count(batches), lambda stage: self._fenced(table, FLIP, held, None, stage, *settings)
             )
-            self._sweep(table)  # the old area
+            self._sweep(table, held)  # the old area
         return tally.result()
 
     def upsert(self, table: TableRef, data: ArrowData) -> WriteResult:
@@ -215,7 +214,7 @@ class RedisLoader(Loader):
         return pa.RecordBatchReader.from_batches(schema, batches())
 
     def close(self) -> None:
-        self._drop_socket()
+        self._pipe.close()
         self._client.close()
 
     # -- keys, metadata and the lock ------------------------------------------------------------------------
@@ -237,13 +236,13 @@ class RedisLoader(Loader):
             raise missing_table(self.store, self.where, table)
         return meta
 
-    def _open(self, table: TableRef, data: pa.Schema) -> tuple[dict[bytes, bytes], pa.Schema]:
+    def _open(self, table: TableRef, data: pa.Schema, held: Held) -> tuple[dict[bytes, bytes], pa.Schema]:
         """Under the lock: the table's metadata and stored schema, with the data checked against it."""
         meta = self._meta(table)
         stored = self._stored(table, meta)
         check_schema(self.store, table, stored, data, can_add=False)
         if any(f.startswith(b"stage:") for f in meta):
-            self._sweep(table)
+            self._sweep(table, held)
         return meta, stored
 
     def _stored(self, table: TableRef, meta: dict[bytes, bytes]) -> pa.Schema:
@@ -280,49 +279,36 @@ class RedisLoader(Loader):
                 ) from None
 
     @contextlib.contextmanager
-    def _locked(self, table: TableRef) -> Iterator[bytes]:
-        """Hold the table's lock (waiting up to ``lock_wait``), renewed every third of its lease while held."""
-        key, token = self._key(table, "lock"), uuid.uuid4().hex.encode()
-        deadline, pause = time.monotonic() + self.lock_wait, 0.01
-        while not self._call(lambda: self._client.set(key, token, nx=True, px=LEASE_MS), table):
-            if time.monotonic() > deadline:
-                raise TransientError(
-                    f"Redis {self.where} table {table}: another writer has held its lock ({key.decode()!r}) for more "
-                    f"than {self.lock_wait:g}s. Try again later; a crashed writer's lock expires within "
-                    f"{LEASE_MS // 1000}s."
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.5)
-        stop = threading.Event()
+    def _locked(self, table: TableRef) -> Iterator[Held]:
+        """Hold the table's lock for this loader's raw socket (see redis_lock.py), waiting up to ``lock_wait``."""
+        with self._pipe.lock:
+            me = self._open_pipe(table)
+        lock = self._key(table, "lock")
 
-        def beat() -> None:
-            while not stop.wait(LEASE_MS / 3000):
-                try:
-                    if not self._client.eval(LEASE, 1, key, token, LEASE_MS):
-                        return  # lost: the commit scripts and the release below find out
-                except Exception:  # a blip; the lease outlasts two missed beats
-                    pass
+        def busy() -> TransientError:
+            return TransientError(
+                f"Redis {self.where} table {table}: another writer has held its lock ({lock.decode()!r}) for more "
+                f"than {self.lock_wait:g}s. Try again later; a dead writer's lock expires within "
+                f"{LEASE_MS / 1000:g}s."
+            )
 
-        heart = threading.Thread(target=beat, name="amp-redis-lock", daemon=True)
-        heart.start()
-        try:
-            yield token
-        except BaseException:
-            with contextlib.suppress(Exception):  # the original failure matters more; the lease expires anyway
-                self._client.eval(LEASE, 1, key, token, 0)
-            raise
-        finally:
-            stop.set()
-            heart.join()
-        if not self._call(lambda: self._client.eval(LEASE, 1, key, token, 0), table):
-            self._refuse(-2, table)
+        call = functools.partial(self._call, table=table)
+        with holding(self._client, lock, self._key(table, "owner"), me, self.lock_wait, call, busy) as held:
+            yield held
 
-    def _refuse(self, code: int, table: TableRef) -> None:
-        """Raise for a commit script's refusal: -2 the lock was lost, -1 the stage was dropped."""
-        what = "lost the table's lock (its heartbeat failed)" if code == -2 else "had its staged rows dropped"
+    def _fenced(self, table: TableRef, script: str, held: Held, area: bytes | None, *args) -> Any:
+        """Run a fenced script (redis_scripts.py) on the table, with ``area`` as its third key if given."""
+        keys = [self._key(table, "meta"), self._key(table, "lock")] + ([self._key(table, area)] if area else [])
+        base = self._key(table, "")
+        return self._call(lambda: self._client.eval(script, len(keys), *keys, held.token, base, *args), table)
+
+    def _refuse(self, code: int, table: TableRef) -> NoReturn:
+        """Raise for a fenced script's refusal: -2 the lock was lost, -1 the stage was dropped."""
+        what = "lost the table's lock" if code == -2 else "had its staged rows dropped"
         raise TransientError(
-            f"Redis {self.where} table {table}: the write {what}, so another writer may have taken over. Run it "
-            "again: an append may be partly stored, a range replace or full refresh changed nothing."
+            f"Redis {self.where} table {table}: this writer {what}: its heartbeat stalled past the "
+            f"{LEASE_MS / 1000:g}s lease (a paused process or a blocked server), so another writer may have taken "
+            "over. Nothing was changed since; run it again (an append may be partly stored)."
         )
 
     def _write(self, table: TableRef, area: bytes) -> resp.Write:
@@ -330,54 +316,51 @@ class RedisLoader(Loader):
         number = self._call(lambda: self._client.hincrby(self._key(table, "meta"), "seq"), table) if keyless else 0
         return resp.Write(table, self._key(table, area), self._key(table, "exp"), self.form, number, ttl=self.ttl)
 
-    def _stage(self, table: TableRef, batches: Iterable[pa.RecordBatch], commit: Callable[[bytes], int]) -> None:
+    def _stage(
+        self, table: TableRef, held: Held, batches: Iterable[pa.RecordBatch], commit: Callable[[bytes], int]
+    ) -> None:
         """Load into a fresh area, listed in meta while it is staged, then ``commit`` it with a script (-2 or -1:
         refused). A failed load or a refused commit drops the area again. After a commit of unknown outcome the
         area may be live, so it is left alone: if it is still listed, the next sweep drops it."""
-        meta_key = self._key(table, "meta")
-        stage = b"g%d" % self._call(lambda: self._client.hincrby(meta_key, "seq"), table)
-        self._call(lambda: self._client.hset(meta_key, b"stage:" + stage, 1), table)
+        stage = self._fenced(table, STAGE, held, None)
+        if stage == -2:
+            self._refuse(stage, table)
         try:
-            self._send(self._write(table, stage), batches)
+            self._send(self._write(table, stage), batches, held)
         except BaseException:
-            self._discard(table, stage)
+            self._discard(table, held, stage)
             raise
         code = self._call(lambda: commit(stage), table)
         if code < 0:
-            self._discard(table, stage)
+            self._discard(table, held, stage)
             self._refuse(code, table)
 
-    def _discard(self, table: TableRef, stage: bytes) -> None:
+    def _discard(self, table: TableRef, held: Held, stage: bytes) -> None:
         with contextlib.suppress(Exception):  # the original failure matters more; the stage stays listed
-            self._drop_area(table, stage)
-            self._client.hdel(self._key(table, "meta"), b"stage:" + stage)
+            while self._fenced(table, DISCARD, held, stage, stage, PAGE):
+                pass
 
-    def _sweep(self, table: TableRef) -> None:
-        """Drop every listed stage: under the lock, none of them belongs to a running writer."""
-        meta_key = self._key(table, "meta")
-        for field in self._call(lambda: self._client.hkeys(meta_key), table):
+    def _sweep(self, table: TableRef, held: Held) -> None:
+        """Drop every listed stage: under the lock, none of them belongs to a running writer. A writer that lost
+        the lock stops (its next fenced step refuses): the stages may be another writer's now."""
+        for field in self._call(lambda: self._client.hkeys(self._key(table, "meta")), table):
             if field.startswith(b"stage:"):
-                self._drop_area(table, field[6:])
-                self._call(lambda f=field: self._client.hdel(meta_key, f), table)
+                while (code := self._fenced(table, SWEEP, held, field[6:], field[6:], PAGE)) > 0:
+                    pass
+                if code < 0:
+                    return
 
-    def _drop_area(self, table: TableRef, area: bytes) -> None:
-        key = self._key(table, area)
-        if self._call(lambda: self._client.type(key), table) == b"stream":
-            self._call(lambda: self._client.unlink(key), table)
-            return
-        while self._call(lambda: self._client.eval(DROP, 1, key, "-inf", "+inf", PAGE), table):
-            pass
-
-    def _drop(self, table: TableRef, meta: dict[bytes, bytes], rows: RowRange) -> int:
-        area = self._key(table, meta[b"live"])
+    def _drop(self, table: TableRef, meta: dict[bytes, bytes], rows: RowRange, held: Held) -> int:
         if meta[b"form"] == b"stream":
-            bounds = (str(rows.start), "+" if rows.end is None else str(rows.end))
-            return self._call(lambda: self._client.eval(XDROP, 1, area, *bounds), table)
-        return self._call(lambda: self._client.eval(DROP, 1, area, *_bounds(rows), 2**62), table)
+            n = self._fenced(table, XDELETE, held, None, str(rows.start), "+" if rows.end is None else str(rows.end))
+        else:
+            n = self._fenced(table, DELETE, held, None, *_bounds(rows))
+        if n < 0:
+            self._refuse(n, table)
+        return n
 
-    def _trim(self, table: TableRef) -> None:
-        keys, args = (self._key(table, "meta"), self._key(table, "exp")), (self._key(table, ""), time.time(), PAGE)
-        while self._call(lambda: self._client.eval(TRIM, 2, *keys, *args), table) == PAGE:
+    def _trim(self, table: TableRef, held: Held) -> None:
+        while self._fenced(table, TRIM, held, "exp", time.time(), PAGE) == PAGE:
             pass
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -401,8 +384,9 @@ class RedisLoader(Loader):
 
     # -- the write path: whole columns → RESP → one raw pipelined socket -------------------------------------
 
-    def _send(self, w: resp.Write, batches: Iterable[pa.RecordBatch]) -> None:
-        """Frame and send every batch, then count the replies; one raw socket per loader, so threads take turns."""
+    def _send(self, w: resp.Write, batches: Iterable[pa.RecordBatch], held: Held) -> None:
+        """Frame and send every batch, then count the replies; one raw socket per loader, so threads take turns.
+        It must be the socket the lock names: another one would escape the fencing."""
 
         def chunks() -> Iterator[tuple[list, int]]:
             for batch in batches:
@@ -410,20 +394,17 @@ class RedisLoader(Loader):
                 for start in range(0, batch.num_rows, resp.CHUNK):
                     yield resp.frame(w, batch.slice(start, resp.CHUNK))
 
-        with self._lock:
-            sock = self._socket(w.table)
+        with self._pipe.lock:
+            if self._open_pipe(w.table) != held.owner:  # closed since the lock was taken: by a writer taking over?
+                self._refuse(-2, w.table)
             try:
-                replies = resp.pipeline(sock, chunks())
+                replies = self._pipe.send(chunks())
             except OSError as exc:
-                self._drop_socket()
                 raise TransientError(
                     f"Redis {self.where} table {w.table}: the connection failed mid-write "
                     f"({scrub(str(exc), self._secret)}). Rows sent so far may be stored: run the write again "
                     "(replace ranges make it idempotent)."
                 ) from None
-            except BaseException:
-                self._drop_socket()  # unread replies would confuse the next write on this socket
-                raise
         if replies.error:
             raise TerminalError(
                 f"Redis {self.where} table {w.table}: the server refused a command: {replies.error}. Other rows of "
@@ -431,38 +412,15 @@ class RedisLoader(Loader):
                 "stream form appends in range order (delete from the first range to rewrite)."
             )
 
-    def _socket(self, table: TableRef) -> socket.socket:
-        # an idle socket with something to read was closed (or reset) by the server, e.g. by its idle timeout:
-        # found out before anything is sent, so nothing is sent twice
-        if self._sock is not None and select.select([self._sock], [], [], 0)[0]:
-            self._drop_socket()
-        if self._sock is not None:
-            return self._sock
-        hello = [b"AUTH", *([self._user.encode()] if self._user else []), self._secret.encode()] if self._secret else []
-        commands = [c for c in (hello, [b"SELECT", str(self._db).encode()]) if c]
-
-        def connect() -> socket.socket:
-            sock = socket.create_connection((self._host, self._port), timeout=self._timeouts[0])
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self._timeouts[1])
-            sock.sendall(b"".join(resp.command(*c) for c in commands))
-            replies = resp.Replies()
-            while replies.count < len(commands):
-                replies.drain(sock, wait=True)
-            if replies.error:
-                sock.close()
-                raise TerminalError(
-                    f"Redis {self.where}: the server refused the login: {scrub(replies.error, self._secret)}"
-                )
-            return sock
-
-        self._sock = self._call(connect, table)
-        return self._sock
-
-    def _drop_socket(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def _open_pipe(self, table: TableRef) -> int:
+        """The raw socket, connected; its client id."""
+        refused = self._call(self._pipe.open, table)
+        if refused:
+            raise TerminalError(
+                f"Redis {self.where}: the server refused the login: {scrub(refused, self._secret)}. The user needs "
+                "AUTH, SELECT and CLIENT ID (and CLIENT KILL, with which the table lock fences writers)."
+            )
+        return self._pipe.id
 
     # -- errors ---------------------------------------------------------------------------------------------
 

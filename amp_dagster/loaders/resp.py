@@ -8,9 +8,11 @@ columns' values with ``:`` (integers in decimal, bytes as 0x-hex, strings with `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +68,7 @@ class Replies:
 
     def __init__(self) -> None:
         self.count, self.error, self._last = 0, "", b"\n"
+        self.tail = b""  # the last bytes received, where a short last reply can be read
 
     def drain(self, sock: socket.socket, wait: bool) -> None:
         """Read what has arrived; with ``wait``, block for at least one read (up to the socket's timeout)."""
@@ -78,32 +81,86 @@ class Replies:
             at = seen.find(b"\n-")
             if at >= 0 and not self.error:
                 self.error = seen[at + 2 :].split(b"\r", 1)[0].decode(errors="replace")
-            self._last, wait = data[-1:], False
+            self._last, self.tail, wait = data[-1:], (self.tail + data[-64:])[-64:], False
 
 
-def pipeline(sock: socket.socket, chunks: Iterable[tuple[list, int]]) -> Replies:
-    """Send framed chunks (buffers, replies expected) back to back, then wait for every reply.
+class Pipe:
+    """One raw socket to the server for pipelined writes, logged in, with its CLIENT ID; threads take turns
+    (hold ``lock``). ``login`` is the commands to send first (AUTH, SELECT)."""
 
-    One thread sends chunk i (the GIL is released in sendall) while the caller's iterator frames chunk i+1, so
-    the server never waits for the encoder; at most two chunks are in memory.
-    """
-    replies, state, sending = 0, Replies(), None
+    def __init__(self, address: tuple[str, int], timeouts: tuple[float, float], login: list[list[bytes]]) -> None:
+        self.address, self.timeouts, self.commands = address, timeouts, [*login, [b"CLIENT", b"ID"]]
+        self.sock: socket.socket | None = None
+        self.id = 0
+        self.lock = threading.Lock()
 
-    def push(buffers: list) -> None:
-        for buffer in buffers:
-            sock.sendall(buffer)
-        state.drain(sock, wait=False)
+    def open(self) -> str:
+        """Connect unless connected; the server's error if it refused a login command, else ''."""
+        # an idle socket with something to read was closed (or reset) by the server, e.g. by its idle timeout:
+        # found out before anything is sent, so nothing is sent twice
+        if self.sock is not None and select.select([self.sock], [], [], 0)[0]:
+            self.close()
+        if self.sock is not None:
+            return ""
+        sock = socket.create_connection(self.address, timeout=self.timeouts[0])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.timeouts[1])
+        sock.sendall(b"".join(command(*c) for c in self.commands))
+        replies = Replies()
+        while replies.count < len(self.commands):
+            replies.drain(sock, wait=True)
+        if replies.error:
+            sock.close()
+            return replies.error
+        self.sock, self.id = sock, int(replies.tail.rsplit(b":", 1)[1])  # CLIENT ID answers last, ":<id>"
+        return ""
 
-    with ThreadPoolExecutor(1, thread_name_prefix="amp-redis-send") as pool:
-        for buffers, expect in chunks:
-            if sending is not None:
-                sending.result()
-            sending, replies = pool.submit(push, buffers), replies + expect
-        if sending is not None:
-            sending.result()
-    while state.count < replies:
-        state.drain(sock, wait=True)
-    return state
+    def send(self, chunks: Iterable[tuple[list, int]]) -> Replies:
+        """Send framed chunks (buffers, replies expected) back to back, then wait for every reply. On any failure
+        the socket is closed: unread replies would confuse the next write on it. When the chunks themselves fail
+        (bad data), the replies to what was sent are awaited first, so that nothing sent lands after the caller
+        has cleaned up.
+
+        One thread sends chunk i (the GIL is released in sendall) while the caller's iterator frames chunk i+1, so
+        the server never waits for the encoder; at most two chunks are in memory.
+        """
+        sock, replies, state, sending = self.sock, 0, Replies(), None
+        if sock is None:
+            raise ConnectionResetError("the connection was closed")
+
+        def push(buffers: list) -> None:
+            for buffer in buffers:
+                sock.sendall(buffer)
+            state.drain(sock, wait=False)
+
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="amp-redis-send") as pool:
+                for buffers, expect in chunks:
+                    if sending is not None:
+                        sending.result()
+                    sending, replies = pool.submit(push, buffers), replies + expect
+                if sending is not None:
+                    sending.result()
+            while state.count < replies:
+                state.drain(sock, wait=True)
+        except OSError:
+            self.close()
+            raise
+        except Exception:
+            with contextlib.suppress(OSError):  # every submitted chunk is sent by now: the pool was shut down
+                while state.count < replies:
+                    state.drain(sock, wait=True)
+            self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
+        return state
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 # -- values (whole columns, no per-row Python) ------------------------------------------------------------
