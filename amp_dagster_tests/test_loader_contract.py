@@ -295,7 +295,6 @@ PENDING = {
     "test_range_predicates_are_exact_at_the_edges_of_uint64": {"delta"},
     "test_a_range_beyond_the_column_type_is_refused_before_any_change": {
         "delta",
-        "redis",
     },
 }
 

@@ -4,31 +4,28 @@ Keys. ``P`` is ``<prefix>:{<namespace>:<table>}`` (``%:{}`` %-escaped in the nam
 key); the braces make it a hash tag, so all keys of a table sit in one cluster slot and the scripts stay
 cluster-safe. ``P:meta`` is a hash: ``schema`` (the Arrow schema), ``live`` (the current area ``g<N>``), ``form``,
 ``key``, ``range``, ``seq`` (a counter), and ``stage:g<N>`` for each area being staged or waiting to be dropped.
-``P:lock`` is the table's lock; ``P:exp`` lists rows with a TTL. In the hash form (default) the area ``P:g<N>`` is
-a sorted set, the block index (member = key text, score = range value), and each row is the hash
+``P:lock`` and ``P:owner`` are the table's lock; ``P:exp`` lists rows with a TTL. In the hash form (default) the
+area ``P:g<N>`` is a sorted set, the block index (member = key text, score = range value), and each row is the hash
 ``P:g<N>:<key text>``. In the stream form ``P:g<N>`` is a stream whose entry IDs are ``<range value>-<n>``.
-Key text joins the key columns' values with ``:`` (integers in decimal, bytes as 0x-hex, strings with ``%`` and
-``:`` escaped). Rows without key columns are keyed ``<range value>:<write number>:<row number>``: a content hash
-would merge identical rows. A key written again replaces the whole row (DEL, then HSET): the last row wins.
-
-Values. Fields are named by column; a null is an absent field, so ``""`` stays distinct. Bytes are raw, strings
-UTF-8, numbers Arrow's exact text (uint64 max, decimal(38,0) extremes and round-trip floats included), temporal
-values their integer count in the type's unit, nested values JSON with bytes as 0x-hex.
+Key text joins the key columns' values with ``:``; rows without key columns are keyed ``<range value>:<write
+number>:<row number>``: a content hash would merge identical rows. A key written again replaces the whole row (DEL,
+then HSET): the last row wins. How values are encoded: resp.py.
 
 Ranges. Scores are doubles, exact up to 2^53, so the hash form refuses range values beyond ±2^53; stream IDs are
 unsigned, so the stream form refuses negative ones. Deleting a range is one script, ZRANGE BYSCORE in pages then
 UNLINK and ZREM: O(log N + M) and atomic.
 
-Concurrency. Writes, deletes and full refreshes hold the table's lock, ``SET P:lock <token> NX PX``, renewed by a
-heartbeat, so a crashed writer's lock expires within 30 s. The commit scripts (the range move, the refresh's
-flip) check the token, so a writer that lost its lock cannot commit; under the lock every listed stage is dead.
+Concurrency. Writes, deletes and full refreshes hold the table's lock, a 1.5 s lease renewed by a heartbeat, so a
+dead writer's lock passes on within 1.5 s; fencing keeps a writer that lost its lock from changing anything
+afterwards (redis_lock.py). Under the lock, every listed stage is dead.
 
 Atomicity. ``write(replace=...)`` stages rows in a fresh area; one script then deletes the range and RENAMEs them
 in. ``replace_table`` stages a whole area; one script flips ``live`` and lists the old area, dropped in pages
 afterwards. A failure before the commit leaves the table as it was and drops the staged keys. The move blocks the
 server about 5 µs a row (0.5 s for 100k rows): the price of readers never seeing half a range, so replace ranges
-of partition size. Plain appends are pipelined and not atomic. The stream form replaces only a tail range (a
-delete, then an append, not atomic) and has no upsert.
+of partition size (a move longer than the lease still commits, but lets a waiting writer in right after it).
+Plain appends are pipelined and not atomic. The stream form replaces only a tail range (a delete, then an append,
+not atomic) and has no upsert.
 
 TTL. ``ttl`` seconds sets EXPIRE on each row hash and lists the row in ``P:exp``, scored by when it expires; each
 write of the hash form unindexes the listed rows that are gone, so the index holds no more than the live rows and
@@ -40,15 +37,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import select
-import socket
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -57,142 +48,15 @@ import pyarrow.compute as pc
 from ..errors import AmpDagsterError, ConfigError, ServiceUnavailableError, TerminalError, TransientError, scrub
 from ..ranges import RowRange
 from ..retry import DEFAULT_RETRY, RetryPolicy, retry_call
+from . import resp
 from .base import ArrowData, Capabilities, Loader, TableRef, WriteResult, missing_table, require_driver
 from .batches import Tally, checked_batches, key_columns
-from .encoding import hex_strings, is_binary_like, json_arrays, json_strings
+from .redis_lock import LEASE_MS, Held, holding
+from .redis_scripts import DELETE, DISCARD, FLIP, MOVE, READ, STAGE, SWEEP, TRIM, XDELETE, XREAD
 from .schema import cast_columns, check_schema, require_columns, schema_from_text, schema_to_text, widen
 
 EXACT = 2**53  # the largest integer a sorted-set score (a double) holds exactly
-CHUNK = 16_384  # rows framed per send: ~10 MB of commands for amp's logs, so memory stays bounded
-LEASE_MS = 30_000  # how long a lock outlives its writer's last heartbeat
 PAGE = 10_000  # index members per script call in long server-side loops, so the server never blocks long
-
-_DROP = """local function drop(area, lo, hi, limit)
-  local n, seen = 0, 0
-  while seen < limit do
-    local m = redis.call('ZRANGE', area, lo, hi, 'BYSCORE', 'LIMIT', 0, 1000)
-    if #m == 0 then break end
-    local keys = {}
-    for i, k in ipairs(m) do keys[i] = area .. ':' .. k end
-    n = n + redis.call('UNLINK', unpack(keys))
-    redis.call('ZREM', area, unpack(m))
-    seen = seen + #m
-  end
-  return n
-end
-"""
-DROP = _DROP + "return drop(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]))"
-# KEYS meta, lock, stage area; ARGV token, low, high, stage, key base. Delete the range from the live area (read
-# here, not by the caller), move every staged row in (RENAME keeps its TTL), unlist the stage. -2: the lock is
-# lost; -1: the stage was dropped as dead; a stage already moved (a retry after a lost reply) changes nothing.
-MOVE = (
-    _DROP
-    + """if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -2 end
-if redis.call('HEXISTS', KEYS[1], 'stage:' .. ARGV[4]) == 0 then
-  return redis.call('HGET', KEYS[1], 'moved') == ARGV[4] and 0 or -1
-end
-local live = ARGV[5] .. redis.call('HGET', KEYS[1], 'live')
-local n = drop(live, ARGV[2], ARGV[3], math.huge)
-while true do
-  local m = redis.call('ZRANGE', KEYS[3], 0, 999, 'WITHSCORES')
-  if #m == 0 then break end
-  local add, rem = {}, {}
-  for i = 1, #m, 2 do
-    redis.pcall('RENAME', KEYS[3] .. ':' .. m[i], live .. ':' .. m[i])  -- a staged row may have expired
-    add[#add + 1] = m[i + 1]; add[#add + 1] = m[i]; rem[#rem + 1] = m[i]
-  end
-  redis.call('ZADD', live, unpack(add))
-  redis.call('ZREM', KEYS[3], unpack(rem))
-end
-redis.call('HDEL', KEYS[1], 'stage:' .. ARGV[4])
-redis.call('HSET', KEYS[1], 'moved', ARGV[4])
-return n"""
-)
-# KEYS meta, lock; ARGV token, stage, then the table's settings as field/value pairs. The old area is listed as
-# a stage, so that it is dropped even if this writer dies before dropping it. Codes as in MOVE.
-FLIP = """if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -2 end
-local live = redis.call('HGET', KEYS[1], 'live')
-if live == ARGV[2] then return 0 end
-if redis.call('HDEL', KEYS[1], 'stage:' .. ARGV[2]) == 0 then return -1 end
-if live then redis.call('HSET', KEYS[1], 'stage:' .. live, 1) end
-redis.call('HSET', KEYS[1], 'live', ARGV[2], unpack(ARGV, 3))
-return 1"""
-# renew (ARGV[2] = milliseconds) or release (ARGV[2] = 0) the lock, only while it holds this writer's token
-LEASE = """if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])"""
-# KEYS meta, exp; ARGV key base, now (s), page. Unindex the rows due to expire by now that are gone; a row still
-# there (written again since, or by a client whose clock runs ahead) is listed again for when it expires
-TRIM = """local area = ARGV[1] .. redis.call('HGET', KEYS[1], 'live')
-local due = redis.call('ZRANGE', KEYS[2], '-inf', ARGV[2], 'BYSCORE', 'LIMIT', 0, ARGV[3])
-for _, k in ipairs(due) do
-  local left = redis.call('PTTL', area .. ':' .. k)
-  if left == -2 then redis.call('ZREM', area, k) end
-  if left > 0 then redis.call('ZADD', KEYS[2], ARGV[2] + left / 1000, k) else redis.call('ZREM', KEYS[2], k) end
-end
-return #due"""
-# XDEL the range, then set the stream's last ID back to its top entry so that the range can be appended again
-XDROP = """local n = 0
-while true do
-  local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', 1000)
-  if #e == 0 then break end
-  local ids = {}
-  for i, x in ipairs(e) do ids[i] = x[1] end
-  n = n + redis.call('XDEL', KEYS[1], unpack(ids))
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  redis.call('XSETID', KEYS[1], top[1] and top[1][1] or '0-0')
-end
-return n"""
-# reads answer one page as two strings, all values and their int32 lengths (-1 = null), so Python parses
-# no value one by one
-_PUT = """local vals, lens = {}, {}
-local function put(v) vals[#vals + 1] = v or ''; lens[#lens + 1] = struct.pack('<i4', v and #v or -1) end
-"""
-# rows by index rank (the range column first: absent means the row expired)
-READ = (
-    _PUT
-    + """for _, k in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])) do
-  local v = redis.call('HMGET', KEYS[1] .. ':' .. k, unpack(ARGV, 3))
-  if v[1] then for i = 1, #ARGV - 2 do put(v[i]) end end
-end
-return {table.concat(vals), table.concat(lens)}"""
-)
-XREAD = (
-    _PUT
-    + """local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
-for _, x in ipairs(e) do
-  local row = {}
-  for i = 1, #x[2], 2 do row[x[2][i]] = x[2][i + 1] end
-  for i = 4, #ARGV do put(row[ARGV[i]]) end
-end
-return {table.concat(vals), table.concat(lens), #e > 0 and e[#e][1] or ''}"""
-)
-
-
-def _b(value: bytes) -> pa.Scalar:
-    return pa.scalar(value, pa.binary())
-
-
-def _arg(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-EMPTY = _b(b"")
-
-
-@dataclass
-class _Write:
-    """One write into one area: what each chunk of rows becomes."""
-
-    table: TableRef
-    area: bytes
-    exp: bytes
-    form: str
-    number: int = 0  # the write number in keys of rows without key columns
-    rows: int = 0
-    ttl: int | None = None
 
 
 class RedisLoader(Loader):
@@ -201,6 +65,9 @@ class RedisLoader(Loader):
     ``url`` is ``redis://[[user]:password@]host:port/db``. ``prefix`` starts every key. ``form`` is ``"hash"``
     or ``"stream"``. ``ttl`` (seconds) expires rows. ``timeout`` bounds one command, which includes the range
     scripts. ``lock_wait`` (seconds) bounds the wait for another writer of the same table.
+
+    The server's user needs CLIENT ID and CLIENT KILL besides the data commands: the table lock fences writers
+    with them (redis_lock.py).
 
     >>> with RedisLoader("redis://127.0.0.1:6379/0", ttl=86_400) as rd:  # doctest: +SKIP
     ...     t = TableRef("logs", namespace="eth", key=("block_num", "log_index"))
@@ -240,7 +107,7 @@ class RedisLoader(Loader):
         self._user, self._secret = info.get("username"), info.get("password") or ""
         self.where = f"{self._host}:{self._port}/{self._db}"
         self.prefix, self.form, self.ttl, self.lock_wait = prefix, form, ttl, lock_wait
-        self._timeouts, self._retry = (connect_timeout, timeout), retry
+        self._retry = retry
         if form == "stream":  # a stream cannot replace a middle range atomically nor rows by key
             self.capabilities = Capabilities(False, True, False, True, 65_536)
         self._client = redis.Redis(
@@ -248,8 +115,12 @@ class RedisLoader(Loader):
             socket_connect_timeout=connect_timeout, socket_timeout=timeout,
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         )  # fmt: skip
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
+        auth = (
+            [[b"AUTH", *([self._user.encode()] if self._user else []), self._secret.encode()]] if self._secret else []
+        )
+        self._pipe = resp.Pipe(
+            (self._host, self._port), (connect_timeout, timeout), [*auth, [b"SELECT", b"%d" % self._db]]
+        )
 
     # -- the Loader seam ------------------------------------------------------------------------------------
 
@@ -274,11 +145,11 @@ class RedisLoader(Loader):
     def write(self, table: TableRef, data: ArrowData, *, replace: RowRange | None = None) -> WriteResult:
         schema, batches = checked_batches(data, table, self.store, replace)
         tally = Tally()
-        with self._locked(table) as token:
-            meta, stored = self._open(table, schema)
+        with self._locked(table) as held:
+            meta, stored = self._open(table, schema, held)
             batches = (cast_columns(b, stored, store=self.store, table=table) for b in tally.count(batches))
             if replace is None:
-                self._send(self._write(table, meta[b"live"]), batches)
+                self._send(self._write(table, meta[b"live"]), batches, held)
             elif self.form == "stream":
                 after = "+" if replace.end is None else str(replace.end + 1)
                 live = self._key(table, meta[b"live"])
@@ -287,37 +158,34 @@ class RedisLoader(Loader):
                         f"Redis table {table}: the stream form replaces only the tail, but rows after {replace} "
                         'exist. Delete from the range start first, or use form="hash" to replace middle ranges.'
                     )
-                self._drop(table, meta, replace)
-                self._send(self._write(table, meta[b"live"]), batches)
+                self._drop(table, meta, replace, held)
+                self._send(self._write(table, meta[b"live"]), batches, held)
             else:
-                keys, base = (self._key(table, "meta"), self._key(table, "lock")), self._key(table, "")
                 bounds = _bounds(replace)
-                self._stage(
-                    table,
-                    batches,
-                    lambda stage: self._client.eval(MOVE, 3, *keys, base + stage, token, *bounds, stage, base),
-                )
+                self._stage(table, held, batches, lambda stage: self._fenced(table, MOVE, held, stage, *bounds, stage))
             if self.form == "hash":
-                self._trim(table)
+                self._trim(table, held)
         return tally.result()
 
     def delete(self, table: TableRef, rows: RowRange) -> int:
-        with self._locked(table):
-            meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
-            return self._drop(table, meta, rows) if b"live" in meta else 0
+        meta = self._call(lambda: self._client.hgetall(self._key(table, "meta")), table)
+        if b"live" not in meta:
+            return 0
+        self._check(table, meta, rows)
+        with self._locked(table) as held:
+            return self._drop(table, meta, rows, held)
 
     def replace_table(self, table: TableRef, data: ArrowData) -> WriteResult:
         schema, batches = checked_batches(data, table, self.store)
         self._probe(table, schema)
         tally = Tally()
-        with self._locked(table) as token:
-            self._sweep(table)
+        with self._locked(table) as held:
+            self._sweep(table, held)
             settings = [x for pair in self._fields(table, schema).items() for x in pair]
-            keys = self._key(table, "meta"), self._key(table, "lock")
             self._stage(
-                table, tally.count(batches), lambda stage: self._client.eval(FLIP, 2, *keys, token, stage, *settings)
+                table, held, tally.count(batches), lambda stage: self._fenced(table, FLIP, held, None, stage, *settings)
             )
-            self._sweep(table)  # the old area
+            self._sweep(table, held)  # the old area
         return tally.result()
 
     def upsert(self, table: TableRef, data: ArrowData) -> WriteResult:
@@ -329,6 +197,8 @@ class RedisLoader(Loader):
     def read(self, table: TableRef, rows: RowRange | None = None) -> pa.RecordBatchReader:
         meta = self._meta(table)
         schema = self._stored(table, meta)
+        if rows is not None:
+            self._check(table, meta, rows)
         area = self._key(table, meta[b"live"])
         names = [table.range_column, *(n for n in schema.names if n != table.range_column)]
         fields = [n.encode() for n in names]
@@ -337,14 +207,14 @@ class RedisLoader(Loader):
 
         def batches() -> Iterator[pa.RecordBatch]:
             for values, lengths, *_ in pages:
-                flat, k = _unpack(values, lengths), len(fields)
-                columns = [_decode(flat.take(np.arange(i, len(flat), k)), f.type) for i, f in enumerate(order)]
+                flat, k = resp.unpack(values, lengths), len(fields)
+                columns = [resp.decode(flat.take(np.arange(i, len(flat), k)), f.type) for i, f in enumerate(order)]
                 yield pa.RecordBatch.from_arrays(columns, schema=order).select(schema.names)
 
         return pa.RecordBatchReader.from_batches(schema, batches())
 
     def close(self) -> None:
-        self._drop_socket()
+        self._pipe.close()
         self._client.close()
 
     # -- keys, metadata and the lock ------------------------------------------------------------------------
@@ -366,13 +236,13 @@ class RedisLoader(Loader):
             raise missing_table(self.store, self.where, table)
         return meta
 
-    def _open(self, table: TableRef, data: pa.Schema) -> tuple[dict[bytes, bytes], pa.Schema]:
+    def _open(self, table: TableRef, data: pa.Schema, held: Held) -> tuple[dict[bytes, bytes], pa.Schema]:
         """Under the lock: the table's metadata and stored schema, with the data checked against it."""
         meta = self._meta(table)
         stored = self._stored(table, meta)
         check_schema(self.store, table, stored, data, can_add=False)
         if any(f.startswith(b"stage:") for f in meta):
-            self._sweep(table)
+            self._sweep(table, held)
         return meta, stored
 
     def _stored(self, table: TableRef, meta: dict[bytes, bytes]) -> pa.Schema:
@@ -388,14 +258,19 @@ class RedisLoader(Loader):
             raise TerminalError(f"Redis table {table}: its stored schema is unreadable; rebuild it with replace_table.")
         return schema
 
+    def _check(self, table: TableRef, meta: dict[bytes, bytes], rows: RowRange) -> None:
+        """A range must fit the stored range column's type before it selects anything."""
+        t = self._stored(table, meta).field(table.range_column).type
+        rows.check(table.range_column, t, f"Redis {self.where} table {table}")
+
     def _probe(self, table: TableRef, schema: pa.Schema) -> None:
         """Every column must survive the value encoding, and key columns the key encoding."""
         for field in schema:
             try:
                 empty = pa.nulls(1, field.type)
-                _decode(_encode(empty), field.type)
+                resp.decode(resp.encode(empty), field.type)
                 if field.name in table.key:
-                    _key_text(empty)
+                    resp.key_text(empty)
             except Exception as exc:
                 raise TerminalError(
                     f"Redis table {table}: column {field.name!r} has Arrow type {field.type}, which the Redis loader "
@@ -404,104 +279,88 @@ class RedisLoader(Loader):
                 ) from None
 
     @contextlib.contextmanager
-    def _locked(self, table: TableRef) -> Iterator[bytes]:
-        """Hold the table's lock (waiting up to ``lock_wait``), renewed every third of its lease while held."""
-        key, token = self._key(table, "lock"), uuid.uuid4().hex.encode()
-        deadline, pause = time.monotonic() + self.lock_wait, 0.01
-        while not self._call(lambda: self._client.set(key, token, nx=True, px=LEASE_MS), table):
-            if time.monotonic() > deadline:
-                raise TransientError(
-                    f"Redis {self.where} table {table}: another writer has held its lock ({key.decode()!r}) for more "
-                    f"than {self.lock_wait:g}s. Try again later; a crashed writer's lock expires within "
-                    f"{LEASE_MS // 1000}s."
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.5)
-        stop = threading.Event()
+    def _locked(self, table: TableRef) -> Iterator[Held]:
+        """Hold the table's lock for this loader's raw socket (see redis_lock.py), waiting up to ``lock_wait``."""
+        with self._pipe.lock:
+            me = self._open_pipe(table)
+        lock = self._key(table, "lock")
 
-        def beat() -> None:
-            while not stop.wait(LEASE_MS / 3000):
-                try:
-                    if not self._client.eval(LEASE, 1, key, token, LEASE_MS):
-                        return  # lost: the commit scripts and the release below find out
-                except Exception:  # a blip; the lease outlasts two missed beats
-                    pass
+        def busy() -> TransientError:
+            return TransientError(
+                f"Redis {self.where} table {table}: another writer has held its lock ({lock.decode()!r}) for more "
+                f"than {self.lock_wait:g}s. Try again later; a dead writer's lock expires within "
+                f"{LEASE_MS / 1000:g}s."
+            )
 
-        heart = threading.Thread(target=beat, name="amp-redis-lock", daemon=True)
-        heart.start()
-        try:
-            yield token
-        except BaseException:
-            with contextlib.suppress(Exception):  # the original failure matters more; the lease expires anyway
-                self._client.eval(LEASE, 1, key, token, 0)
-            raise
-        finally:
-            stop.set()
-            heart.join()
-        if not self._call(lambda: self._client.eval(LEASE, 1, key, token, 0), table):
-            self._refuse(-2, table)
+        call = functools.partial(self._call, table=table)
+        with holding(self._client, lock, self._key(table, "owner"), me, self.lock_wait, call, busy) as held:
+            yield held
 
-    def _refuse(self, code: int, table: TableRef) -> None:
-        """Raise for a commit script's refusal: -2 the lock was lost, -1 the stage was dropped."""
-        what = "lost the table's lock (its heartbeat failed)" if code == -2 else "had its staged rows dropped"
+    def _fenced(self, table: TableRef, script: str, held: Held, area: bytes | None, *args) -> Any:
+        """Run a fenced script (redis_scripts.py) on the table, with ``area`` as its third key if given."""
+        keys = [self._key(table, "meta"), self._key(table, "lock")] + ([self._key(table, area)] if area else [])
+        base = self._key(table, "")
+        return self._call(lambda: self._client.eval(script, len(keys), *keys, held.token, base, *args), table)
+
+    def _refuse(self, code: int, table: TableRef) -> NoReturn:
+        """Raise for a fenced script's refusal: -2 the lock was lost, -1 the stage was dropped."""
+        what = "lost the table's lock" if code == -2 else "had its staged rows dropped"
         raise TransientError(
-            f"Redis {self.where} table {table}: the write {what}, so another writer may have taken over. Run it "
-            "again: an append may be partly stored, a range replace or full refresh changed nothing."
+            f"Redis {self.where} table {table}: this writer {what}: its heartbeat stalled past the "
+            f"{LEASE_MS / 1000:g}s lease (a paused process or a blocked server), so another writer may have taken "
+            "over. Nothing was changed since; run it again (an append may be partly stored)."
         )
 
-    def _write(self, table: TableRef, area: bytes) -> _Write:
+    def _write(self, table: TableRef, area: bytes) -> resp.Write:
         keyless = not table.key and self.form == "hash"
         number = self._call(lambda: self._client.hincrby(self._key(table, "meta"), "seq"), table) if keyless else 0
-        return _Write(table, self._key(table, area), self._key(table, "exp"), self.form, number, ttl=self.ttl)
+        return resp.Write(table, self._key(table, area), self._key(table, "exp"), self.form, number, ttl=self.ttl)
 
-    def _stage(self, table: TableRef, batches: Iterable[pa.RecordBatch], commit: Callable[[bytes], int]) -> None:
+    def _stage(
+        self, table: TableRef, held: Held, batches: Iterable[pa.RecordBatch], commit: Callable[[bytes], int]
+    ) -> None:
         """Load into a fresh area, listed in meta while it is staged, then ``commit`` it with a script (-2 or -1:
         refused). A failed load or a refused commit drops the area again. After a commit of unknown outcome the
         area may be live, so it is left alone: if it is still listed, the next sweep drops it."""
-        meta_key = self._key(table, "meta")
-        stage = b"g%d" % self._call(lambda: self._client.hincrby(meta_key, "seq"), table)
-        self._call(lambda: self._client.hset(meta_key, b"stage:" + stage, 1), table)
+        stage = self._fenced(table, STAGE, held, None)
+        if stage == -2:
+            self._refuse(stage, table)
         try:
-            self._send(self._write(table, stage), batches)
+            self._send(self._write(table, stage), batches, held)
         except BaseException:
-            self._discard(table, stage)
+            self._discard(table, held, stage)
             raise
         code = self._call(lambda: commit(stage), table)
         if code < 0:
-            self._discard(table, stage)
+            self._discard(table, held, stage)
             self._refuse(code, table)
 
-    def _discard(self, table: TableRef, stage: bytes) -> None:
+    def _discard(self, table: TableRef, held: Held, stage: bytes) -> None:
         with contextlib.suppress(Exception):  # the original failure matters more; the stage stays listed
-            self._drop_area(table, stage)
-            self._client.hdel(self._key(table, "meta"), b"stage:" + stage)
+            while self._fenced(table, DISCARD, held, stage, stage, PAGE):
+                pass
 
-    def _sweep(self, table: TableRef) -> None:
-        """Drop every listed stage: under the lock, none of them belongs to a running writer."""
-        meta_key = self._key(table, "meta")
-        for field in self._call(lambda: self._client.hkeys(meta_key), table):
+    def _sweep(self, table: TableRef, held: Held) -> None:
+        """Drop every listed stage: under the lock, none of them belongs to a running writer. A writer that lost
+        the lock stops (its next fenced step refuses): the stages may be another writer's now."""
+        for field in self._call(lambda: self._client.hkeys(self._key(table, "meta")), table):
             if field.startswith(b"stage:"):
-                self._drop_area(table, field[6:])
-                self._call(lambda f=field: self._client.hdel(meta_key, f), table)
+                while (code := self._fenced(table, SWEEP, held, field[6:], field[6:], PAGE)) > 0:
+                    pass
+                if code < 0:
+                    return
 
-    def _drop_area(self, table: TableRef, area: bytes) -> None:
-        key = self._key(table, area)
-        if self._call(lambda: self._client.type(key), table) == b"stream":
-            self._call(lambda: self._client.unlink(key), table)
-            return
-        while self._call(lambda: self._client.eval(DROP, 1, key, "-inf", "+inf", PAGE), table):
-            pass
-
-    def _drop(self, table: TableRef, meta: dict[bytes, bytes], rows: RowRange) -> int:
-        area = self._key(table, meta[b"live"])
+    def _drop(self, table: TableRef, meta: dict[bytes, bytes], rows: RowRange, held: Held) -> int:
         if meta[b"form"] == b"stream":
-            bounds = (str(rows.start), "+" if rows.end is None else str(rows.end))
-            return self._call(lambda: self._client.eval(XDROP, 1, area, *bounds), table)
-        return self._call(lambda: self._client.eval(DROP, 1, area, *_bounds(rows), 2**62), table)
+            n = self._fenced(table, XDELETE, held, None, str(rows.start), "+" if rows.end is None else str(rows.end))
+        else:
+            n = self._fenced(table, DELETE, held, None, *_bounds(rows))
+        if n < 0:
+            self._refuse(n, table)
+        return n
 
-    def _trim(self, table: TableRef) -> None:
-        keys, args = (self._key(table, "meta"), self._key(table, "exp")), (self._key(table, ""), time.time(), PAGE)
-        while self._call(lambda: self._client.eval(TRIM, 2, *keys, *args), table) == PAGE:
+    def _trim(self, table: TableRef, held: Held) -> None:
+        while self._fenced(table, TRIM, held, "exp", time.time(), PAGE) == PAGE:
             pass
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -525,81 +384,43 @@ class RedisLoader(Loader):
 
     # -- the write path: whole columns → RESP → one raw pipelined socket -------------------------------------
 
-    def _send(self, w: _Write, batches: Iterable[pa.RecordBatch]) -> None:
-        """Frame and send every batch, then count the replies; one raw socket per loader, so threads take turns."""
-        with self._lock:
-            sock = self._socket(w.table)
-            replies, state, sending = 0, _Replies(), None
+    def _send(self, w: resp.Write, batches: Iterable[pa.RecordBatch], held: Held) -> None:
+        """Frame and send every batch, then count the replies; one raw socket per loader, so threads take turns.
+        It must be the socket the lock names: another one would escape the fencing."""
 
-            def push(buffers: list) -> None:
-                for buffer in buffers:
-                    sock.sendall(buffer)
-                state.drain(sock, wait=False)
+        def chunks() -> Iterator[tuple[list, int]]:
+            for batch in batches:
+                _guard(w, batch)
+                for start in range(0, batch.num_rows, resp.CHUNK):
+                    yield resp.frame(w, batch.slice(start, resp.CHUNK))
 
-            # one thread sends chunk i (the GIL is released in sendall) while this one frames chunk i+1, so the
-            # server never waits for the encoder; at most two chunks are in memory
+        with self._pipe.lock:
+            if self._open_pipe(w.table) != held.owner:  # closed since the lock was taken: by a writer taking over?
+                self._refuse(-2, w.table)
             try:
-                with ThreadPoolExecutor(1, thread_name_prefix="amp-redis-send") as pool:
-                    for batch in batches:
-                        _guard(w, batch)
-                        for start in range(0, batch.num_rows, CHUNK):
-                            buffers, expect = _frame(w, batch.slice(start, CHUNK))
-                            if sending is not None:
-                                sending.result()
-                            sending, replies = pool.submit(push, buffers), replies + expect
-                    if sending is not None:
-                        sending.result()
-                while state.count < replies:
-                    state.drain(sock, wait=True)
+                replies = self._pipe.send(chunks())
             except OSError as exc:
-                self._drop_socket()
                 raise TransientError(
                     f"Redis {self.where} table {w.table}: the connection failed mid-write "
                     f"({scrub(str(exc), self._secret)}). Rows sent so far may be stored: run the write again "
                     "(replace ranges make it idempotent)."
                 ) from None
-            except BaseException:
-                self._drop_socket()  # unread replies would confuse the next write on this socket
-                raise
-        if state.error:
+        if replies.error:
             raise TerminalError(
-                f"Redis {self.where} table {w.table}: the server refused a command: {state.error}. Other rows of "
+                f"Redis {self.where} table {w.table}: the server refused a command: {replies.error}. Other rows of "
                 "the write may be stored. WRONGTYPE: a key of the table is used by other data; stream IDs: the "
                 "stream form appends in range order (delete from the first range to rewrite)."
             )
 
-    def _socket(self, table: TableRef) -> socket.socket:
-        # an idle socket with something to read was closed (or reset) by the server, e.g. by its idle timeout:
-        # found out before anything is sent, so nothing is sent twice
-        if self._sock is not None and select.select([self._sock], [], [], 0)[0]:
-            self._drop_socket()
-        if self._sock is not None:
-            return self._sock
-        hello = [b"AUTH", *([self._user.encode()] if self._user else []), self._secret.encode()] if self._secret else []
-        commands = [c for c in (hello, [b"SELECT", str(self._db).encode()]) if c]
-
-        def connect() -> socket.socket:
-            sock = socket.create_connection((self._host, self._port), timeout=self._timeouts[0])
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self._timeouts[1])
-            sock.sendall(b"".join(b"*%d\r\n" % len(c) + b"".join(map(_arg, c)) for c in commands))
-            replies = _Replies()
-            while replies.count < len(commands):
-                replies.drain(sock, wait=True)
-            if replies.error:
-                sock.close()
-                raise TerminalError(
-                    f"Redis {self.where}: the server refused the login: {scrub(replies.error, self._secret)}"
-                )
-            return sock
-
-        self._sock = self._call(connect, table)
-        return self._sock
-
-    def _drop_socket(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def _open_pipe(self, table: TableRef) -> int:
+        """The raw socket, connected; its client id."""
+        refused = self._call(self._pipe.open, table)
+        if refused:
+            raise TerminalError(
+                f"Redis {self.where}: the server refused the login: {scrub(refused, self._secret)}. The user needs "
+                "AUTH, SELECT and CLIENT ID (and CLIENT KILL, with which the table lock fences writers)."
+            )
+        return self._pipe.id
 
     # -- errors ---------------------------------------------------------------------------------------------
 
@@ -622,31 +443,6 @@ class RedisLoader(Loader):
         return TerminalError(f"{where}: {scrub(str(exc), self._secret)}")
 
 
-class _Replies:
-    """Counts RESP replies in bulk and keeps the first error; no reply is parsed one by one.
-
-    The commands sent (HSET, ZADD, DEL, EXPIRE, XADD, AUTH, SELECT) answer with an integer (``:``), a simple
-    string (``+``), an error (``-``) or a bulk stream ID (``$``, then a line starting with a digit), so every
-    reply, and only a reply, starts a line with one of ``:+-$``.
-    """
-
-    def __init__(self) -> None:
-        self.count, self.error, self._last = 0, "", b"\n"
-
-    def drain(self, sock: socket.socket, wait: bool) -> None:
-        """Read what has arrived; with ``wait``, block for at least one read (up to the socket's timeout)."""
-        while wait or select.select([sock], [], [], 0)[0]:
-            data = sock.recv(1 << 20)
-            if not data:
-                raise ConnectionResetError("the server closed the connection")
-            seen = self._last + data
-            self.count += sum(seen.count(start) for start in (b"\n:", b"\n+", b"\n-", b"\n$"))
-            at = seen.find(b"\n-")
-            if at >= 0 and not self.error:
-                self.error = seen[at + 2 :].split(b"\r", 1)[0].decode(errors="replace")
-            self._last, wait = data[-1:], False
-
-
 def _is_transient(exc: BaseException) -> bool:
     import redis
 
@@ -663,8 +459,15 @@ def _bounds(rows: RowRange) -> tuple[str, str]:
     return ("+inf" if rows.start > EXACT else str(rows.start)), high
 
 
-def _guard(w: _Write, batch: pa.RecordBatch) -> None:
-    """What the block index cannot hold (nulls and ranges are checked by checked_batches)."""
+def _guard(w: resp.Write, batch: pa.RecordBatch) -> None:
+    """What keys and the block index cannot hold (null range values are refused by checked_batches)."""
+    for name in w.table.key if w.form == "hash" else ():
+        if nulls := batch.column(name).null_count:
+            raise TerminalError(
+                f"Redis table {w.table}: key column {name!r} has {nulls} null value(s) in a batch of "
+                f"{batch.num_rows} rows, and a row's key names its hash. Fill or filter them in the query, or key "
+                "the table by columns without nulls."
+            )
     bounds = pc.min_max(batch.column(w.table.range_column))
     low, high = bounds["min"].as_py(), bounds["max"].as_py()
     if w.form == "hash" and (low < -EXACT or high > EXACT):
@@ -677,140 +480,3 @@ def _guard(w: _Write, batch: pa.RecordBatch) -> None:
         f"Redis table {w.table}: range column {w.table.range_column!r} {problem}. "
         "Filter or shift the values in the query, or use another range column."
     )
-
-
-# -- encodings (whole columns, no per-row Python) ---------------------------------------------------------
-
-
-def _int_type(t: pa.DataType) -> pa.DataType | None:
-    """The integer that a temporal type counts in, or None for other types."""
-    temporal = pa.types.is_temporal(t)
-    return (pa.int64() if t.bit_width == 64 else pa.int32()) if temporal else None
-
-
-def _is_text(t: pa.DataType) -> bool:
-    return is_binary_like(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _encode(a: pa.Array) -> pa.Array:
-    """Any column as binary values, nulls kept."""
-    t = a.type
-    if pa.types.is_dictionary(t):
-        return _encode(a.dictionary_decode())
-    if _is_text(t):
-        return a.cast(pa.binary())
-    if pa.types.is_nested(t):
-        return json_strings(a).cast(pa.binary())
-    if _int_type(t) is not None:
-        a = a.cast(_int_type(t))
-    return a.cast(pa.string()).cast(pa.binary())
-
-
-def _decode(v: pa.Array, t: pa.DataType) -> pa.Array:
-    """The inverse of :func:`_encode`, back to the original type."""
-    if pa.types.is_dictionary(t):
-        return _decode(v, t.value_type).dictionary_encode().cast(t)
-    if pa.types.is_null(t):
-        return pa.nulls(len(v))
-    if _is_text(t):
-        return v.cast(t)
-    if pa.types.is_nested(t):
-        return json_arrays(v.cast(pa.string()), t)
-    text = v.cast(pa.string())
-    return text.cast(_int_type(t)).cast(t) if _int_type(t) is not None else text.cast(t)
-
-
-def _key_text(a: pa.Array) -> pa.Array:
-    if pa.types.is_nested(a.type):
-        raise TypeError("nested values cannot be keys")
-    if is_binary_like(a.type):
-        return hex_strings(a).cast(pa.binary())
-    text = pc.replace_substring(_encode(a).cast(pa.string()), "%", "%25")
-    return pc.replace_substring(text, ":", "%3A").cast(pa.binary())
-
-
-def _join(*parts: bytes | pa.Array, nulls: str = "skip") -> pa.Array:
-    """Concatenate per row: bytes are constants (adjacent ones merged into one), arrays give one value a row."""
-    merged: list = []
-    for part in parts:
-        if isinstance(part, bytes) and merged and isinstance(merged[-1], bytes):
-            merged[-1] += part
-        else:
-            merged.append(part)
-    scalars = (_b(p) if isinstance(p, bytes) else p for p in merged)
-    return pc.binary_join_element_wise(*scalars, EMPTY, null_handling=nulls)
-
-
-def _bulk(column: pa.Array, before: bytes = b"") -> list:
-    """``before``, then each value as a RESP bulk string (``$<len>``, CRLF, the value, CRLF): parts for _join.
-
-    A column with nulls comes back as one joined array that is null where the value is, so that a row's join
-    leaves the field out whole; fixed-size bytes get a constant length prefix.
-    """
-    values = _encode(column)
-    if pa.types.is_fixed_size_binary(column.type):
-        parts = [before + b"$%d\r\n" % column.type.byte_width, values, b"\r\n"]
-    else:
-        length = pc.binary_length(values).cast(pa.string()).cast(pa.binary())
-        parts = [before + b"$", length, b"\r\n", values, b"\r\n"]
-    return [_join(*parts, nulls="emit_null")] if values.null_count else parts
-
-
-def _unpack(values: bytes, lengths: bytes) -> pa.Array:
-    """A page of values from the read scripts as one binary array."""
-    sizes = np.frombuffer(lengths, "<i4")
-    offsets = np.zeros(len(sizes) + 1, np.int32)
-    np.cumsum(np.maximum(sizes, 0), out=offsets[1:])
-    valid = sizes >= 0
-    mask = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
-    return pa.Array.from_buffers(pa.binary(), len(sizes), [mask, pa.py_buffer(offsets), pa.py_buffer(values)])
-
-
-def _payload(a: pa.Array) -> pa.Buffer:
-    """The concatenated values of a binary array, without a copy."""
-    if not len(a):
-        return pa.py_buffer(b"")
-    offsets = np.frombuffer(a.buffers()[1], np.int32)
-    return a.buffers()[2][offsets[a.offset] : offsets[a.offset + len(a)]]
-
-
-def _frame(w: _Write, batch: pa.RecordBatch) -> tuple[list, int]:
-    """A chunk of rows as RESP buffers ready to send, and how many replies they will produce."""
-    n = batch.num_rows
-    ranges = _encode(batch.column(w.table.range_column))
-    if w.table.key:
-        members = pc.binary_join_element_wise(*(_key_text(batch.column(k)) for k in w.table.key), _b(b":"))
-    else:
-        numbers = pa.array(np.arange(w.rows, w.rows + n)).cast(pa.string()).cast(pa.binary())
-        members = _join(ranges, b":%d:" % w.number, numbers)
-    w.rows += n
-    fields, nulls = [], []
-    for name, column in zip(batch.schema.names, batch.columns, strict=True):
-        fields += _bulk(column, _arg(name.encode()))
-        if column.null_count:
-            nulls.append(pc.cast(pc.is_null(column), pa.int64()))
-    base = (2 if w.form == "hash" else 3) + 2 * batch.num_columns
-    verb = b"$4\r\nHSET\r\n" if w.form == "hash" else b"$4\r\nXADD\r\n" + _arg(w.area)
-    if nulls:  # the argument count differs per row
-        count = pc.subtract(base, pc.multiply(2, functools.reduce(pc.add, nulls)))
-        head = [b"*", count.cast(pa.string()).cast(pa.binary()), b"\r\n" + verb]
-    else:
-        head = [b"*%d\r\n" % base + verb]
-    if w.form == "stream":
-        rows = _join(*head, *_bulk(_join(ranges, b"-*")), *fields)
-        expire = [b"*3\r\n$6\r\nEXPIRE\r\n" + _arg(w.area) + _arg(b"%d" % w.ttl)] if w.ttl else []
-        return [_payload(rows), *expire], n + len(expire)
-    keys = _bulk(_join(w.area + b":", members))
-    parts = [*head, *keys, *fields]
-    if w.table.key:  # a key written again is a new row, not the old one with some fields changed (a null is an
-        parts = [b"*2\r\n$3\r\nDEL\r\n", *keys, *parts]  # absent field); keys of keyless rows are always new
-    # the index goes first: an index entry whose row never arrived is skipped by reads and removed by deletes,
-    # while a row without an index entry could never be deleted by range
-    zadd = b"*%d\r\n$4\r\nZADD\r\n" % (2 + 2 * n)
-    buffers = [zadd + _arg(w.area), _payload(_join(*_bulk(ranges), *_bulk(members)))]
-    if w.ttl:
-        parts += [b"*3\r\n$6\r\nEXPIRE\r\n", *keys, _arg(b"%d" % w.ttl)]
-        due = _arg(b"%d" % (time.time() + w.ttl + 1))
-        buffers += [zadd + _arg(w.exp), _payload(_join(due, *_bulk(members)))]
-    buffers.append(_payload(_join(*parts)))
-    return buffers, 1 + bool(w.ttl) + n * (1 + bool(w.table.key) + bool(w.ttl))
