@@ -48,10 +48,10 @@ _EXPORTS = {
     # the sync engine (the function itself: `from amp_dagster.sync import sync`) and its configuration
     "SyncOptions": "sync",
     "SyncResult": "sync",
-    "SyncState": "sync",
+    "SyncState": "state",
     "Progress": "sync",
-    "CheckpointStore": "sync",
-    "MemoryCheckpoints": "sync",
+    "CheckpointStore": "state",
+    "MemoryCheckpoints": "state",
     "DagsterCheckpoints": "checkpoints",
     "Pipeline": "pipelines",
     "load_pipelines": "pipelines",
@@ -160,9 +160,9 @@ if TYPE_CHECKING:
     from .sources import FlightSqlSource as FlightSqlSource
     from .sources import Page as Page
     from .sources import Source as Source
-    from .sync import CheckpointStore as CheckpointStore
-    from .sync import MemoryCheckpoints as MemoryCheckpoints
+    from .state import CheckpointStore as CheckpointStore
+    from .state import MemoryCheckpoints as MemoryCheckpoints
+    from .state import SyncState as SyncState
     from .sync import Progress as Progress
     from .sync import SyncOptions as SyncOptions
     from .sync import SyncResult as SyncResult
-    from .sync import SyncState as SyncState

@@ -26,7 +26,8 @@ from .flight.protocol import Data, Event, Position, Watermark
 from .partitions import BlockRanges, key_range, run_ranges, window_blocks
 from .pipelines import BlockRangePartitions, Pipeline, TimePartitions
 from .ranges import RowRange
-from .sync import Progress, SyncResult, SyncState, effective_high, load_state, range_records
+from .state import SyncState, effective_high, load_state, range_records
+from .sync import Progress, SyncResult
 
 log = logging.getLogger(__name__)
 

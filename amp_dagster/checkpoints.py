@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
-from .sync import KEY_PREFIX, SyncState, already_syncing, live_key
+from .state import KEY_PREFIX, SyncState, already_syncing, live_key
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance

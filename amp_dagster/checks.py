@@ -20,7 +20,7 @@ from .checkpoints import DagsterCheckpoints
 from .partitions import keys_to_ranges
 from .pipelines import BlockRangePartitions, Pipeline
 from .ranges import RowRange, merge_ranges
-from .sync import effective_high, load_state, range_records
+from .state import effective_high, load_state, range_records
 
 MAX_LAG_BLOCKS = 100  # freshness fails (as a warning) beyond this many blocks behind the head
 

@@ -393,7 +393,7 @@ def _checkpoints_list(args) -> int:
 
 def _checkpoints_show(args) -> int:
     from .errors import ConfigError
-    from .sync import load_state, range_records
+    from .state import load_state, range_records
 
     store = _store(args)
     state = load_state(store, args.name)

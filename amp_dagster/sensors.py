@@ -19,7 +19,7 @@ import dagster as dg
 from .assets import STREAM_TAG, block_ranges
 from .partitions import key_range
 from .pipelines import BlockRangePartitions, Pipeline, TimePartitions
-from .sync import load_state
+from .state import load_state
 
 PIPELINE_TAG = "amp/pipeline"
 MAX_RUNS_PER_TICK = 20  # a long history is caught up over several ticks (or by one backfill)

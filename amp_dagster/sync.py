@@ -17,7 +17,8 @@ Exactly once, in effect, for every destination, from three rules together:
 A crash at any point therefore leaves either data that the next run replaces, or data past the checkpoint that
 the next run deletes first. Reorgs delete from the fork block and move the checkpoint back to the fork's
 parent before going on. Run storage has no compare-and-set, so every checkpoint key has exactly one writer:
-:meth:`CheckpointStore.lock` is held for the whole sync.
+:meth:`~.state.CheckpointStore.lock` is held for the whole sync. The checkpoint state lives in ``state.py``, the
+reader thread and its bounded queue in ``pipe.py``.
 
 Modes:
 
@@ -40,199 +41,29 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import AmpDagsterError, ConfigError, TerminalError
-from .flight.protocol import BlockRange, Checkpoint, Cursor, Data, Position, Reorg, Rewind, Watermark
+from .flight.protocol import BlockRange, Checkpoint, Data, Position, Reorg, Rewind, Watermark
 from .loaders.base import Loader, TableRef
+from .pipe import END, READ_END, Reader, event_size
 from .ranges import RowRange, contiguous_end, merge_ranges
 from .retry import Backoff, RetryPolicy
+from .state import CheckpointStore, SyncState, effective_high, live_key, load_state, range_key, range_records
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["full_refresh", "incremental", "stream"]
 MODES: tuple[str, ...] = ("full_refresh", "incremental", "stream")
-KEY_PREFIX = "amp_dagster/checkpoint/"
-STATE_VERSION = 1
 # a test-only pause between a commit and its checkpoint, so that kill tests can hit exactly that moment
 _COMMIT_PAUSE = "AMP_DAGSTER_TEST_COMMIT_PAUSE"
-
-
-# -- checkpoints ---------------------------------------------------------------------------------------------
-
-
-class CheckpointStore(Protocol):
-    """Where checkpoints live: small string values under string keys, one key per call.
-
-    ``lock(key)`` is held by the one writer of a key for as long as it syncs (other writers wait up to
-    ``wait`` seconds, then get a clear error); ``scan(prefix)`` lists the keys under a prefix (explicit range
-    records). Implementations: :class:`MemoryCheckpoints` here, ``DagsterCheckpoints`` over run storage.
-    """
-
-    def get(self, key: str) -> str | None: ...
-
-    def put(self, key: str, value: str) -> None: ...
-
-    def scan(self, prefix: str) -> dict[str, str]: ...
-
-    def lock(self, key: str, wait: float) -> AbstractContextManager[None]: ...
-
-
-class MemoryCheckpoints:
-    """Checkpoints in this process's memory: for tests and one-off syncs that need no resume."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, str] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
-
-    def get(self, key: str) -> str | None:
-        return self.values.get(key)
-
-    def put(self, key: str, value: str) -> None:
-        self.values[key] = value
-
-    def scan(self, prefix: str) -> dict[str, str]:
-        return {k: v for k, v in self.values.items() if k.startswith(prefix)}
-
-    @contextmanager
-    def lock(self, key: str, wait: float) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        if not lock.acquire(timeout=wait):
-            raise already_syncing(key, wait)
-        try:
-            yield
-        finally:
-            lock.release()
-
-
-def already_syncing(key: str, wait: float, holder: str = "") -> TerminalError:
-    pipeline = key.removeprefix(KEY_PREFIX)
-    return TerminalError(
-        f"pipeline {pipeline!r} is already being synced{' by ' + holder if holder else ''} (waited {wait:g} s for "
-        "it). Two syncs of one pipeline never write at once: wait for the other to finish or stop it."
-    )
-
-
-def live_key(pipeline: str) -> str:
-    return KEY_PREFIX + pipeline
-
-
-def range_key(pipeline: str, rows: RowRange) -> str:
-    return f"{KEY_PREFIX}{pipeline}/range/{rows.start:020d}-{rows.end:020d}"
-
-
-@dataclass(frozen=True)
-class SyncState:
-    """What a checkpoint holds: small, versioned JSON.
-
-    ``high`` is the highest range value committed with every value below it loaded too (the live checkpoint);
-    ``position`` is where the source resumes (a watermark ``{network: {number, hash}}`` or a cursor). A range
-    record (an explicit range loaded out of order) carries its ``ranges`` instead. ``fingerprint`` identifies the
-    query and destination the data came from.
-    """
-
-    pipeline: str
-    mode: str
-    fingerprint: str = ""
-    high: int | None = None
-    position: Position | None = None
-    rows: int = 0
-    run_id: str | None = None
-    time: str = ""
-    ranges: tuple[RowRange, ...] = ()
-    timestamp: int | None = None  # Unix seconds of block ``high``, when the source told
-
-    def to_json(self) -> str:
-        position: dict | None = None
-        if isinstance(self.position, Watermark):
-            position = {"watermark": json.loads(self.position.to_json())}
-        elif isinstance(self.position, Cursor):
-            position = {"cursor": self.position.value}
-        return json.dumps(
-            {
-                "version": STATE_VERSION,
-                "pipeline": self.pipeline,
-                "mode": self.mode,
-                "fingerprint": self.fingerprint,
-                "high": self.high,
-                "position": position,
-                "ranges": [[r.start, r.end] for r in self.ranges],
-                "rows": self.rows,
-                "timestamp": self.timestamp,
-                "run_id": self.run_id,
-                "time": self.time,
-            },
-            separators=(",", ":"),
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> SyncState:
-        try:
-            obj = json.loads(text)
-            if obj.get("version") != STATE_VERSION:
-                raise ValueError(f"version {obj.get('version')!r}, expected {STATE_VERSION}")
-            raw = obj.get("position") or {}
-            position: Position | None = None
-            if "watermark" in raw:
-                position = Watermark.from_json(raw["watermark"])
-            elif "cursor" in raw:
-                position = Cursor(raw["cursor"])
-            return cls(
-                pipeline=obj["pipeline"],
-                mode=obj["mode"],
-                fingerprint=obj.get("fingerprint", ""),
-                high=obj.get("high"),
-                position=position,
-                rows=int(obj.get("rows", 0)),
-                run_id=obj.get("run_id"),
-                time=obj.get("time", ""),
-                ranges=tuple(RowRange(a, b) for a, b in obj.get("ranges", ())),
-                timestamp=obj.get("timestamp"),
-            )
-        except (ValueError, KeyError, TypeError, AmpDagsterError) as exc:
-            raise TerminalError(
-                f"a stored checkpoint cannot be read ({exc}): {text[:200]!r}. Reset it with "
-                "`amp-dagster checkpoints reset NAME` (the destination is then reloaded from the start)."
-            ) from None
-
-    def describe(self) -> str:
-        """One line for people."""
-        where = "nothing committed yet" if self.high is None else f"through {self.high}"
-        if isinstance(self.position, Watermark):
-            where += " " + ", ".join(f"({n} #{b.number} {b.hash[:12]}…)" for n, b in self.position.blocks.items())
-        elif isinstance(self.position, Cursor):
-            where += f" (cursor {self.position.to_json()[:60]})"
-        return f"{self.pipeline} [{self.mode}] {where}, {self.rows:,} rows, {self.time or 'never'}"
-
-
-def load_state(store: CheckpointStore, pipeline: str) -> SyncState | None:
-    raw = store.get(live_key(pipeline))
-    return None if raw is None else SyncState.from_json(raw)
-
-
-def range_records(store: CheckpointStore, pipeline: str) -> list[SyncState]:
-    return [SyncState.from_json(v) for _, v in sorted(store.scan(f"{KEY_PREFIX}{pipeline}/range/").items())]
-
-
-def effective_high(state: SyncState | None, records: list[SyncState], start: int | None = None) -> int | None:
-    """The live checkpoint with explicitly loaded ranges folded in: the highest contiguous loaded value. Without
-    a live checkpoint, ranges count from ``start`` (the first block of the pipeline's partitions) when given."""
-    high = None if state is None else state.high
-    if high is None and start is None:
-        return None
-    first = start if high is None else high + 1
-    reached = contiguous_end(first, [r for record in records for r in record.ranges])
-    return None if reached < first and high is None else reached
 
 
 # -- options, progress, result ----------------------------------------------------------------------------------
@@ -330,101 +161,6 @@ class _Stopped(Exception):
 
 
 # -- the reader thread and its bounded queue ---------------------------------------------------------------------
-
-_END = object()  # the reader thread is done
-_READ_END = object()  # one read of several is done
-
-
-class _Pipe:
-    """A queue bounded in bytes between the reader thread and the writer."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._items: deque = deque()
-        self._bytes = 0
-        self._cond = threading.Condition()
-        self._ended = False  # the producer is done (self._error says how)
-        self._cancelled = False  # the consumer went away
-        self._error: BaseException | None = None
-
-    def put(self, item: Any, size: int) -> bool:
-        """Queue ``item``, waiting while the queue is full; False once the consumer has gone."""
-        with self._cond:
-            while self._items and self._bytes + size > self.limit and not self._cancelled:
-                self._cond.wait(0.5)
-            if self._cancelled:
-                return False
-            self._items.append((item, size))
-            self._bytes += size
-            self._cond.notify_all()
-            return True
-
-    def end(self, error: BaseException | None = None) -> None:
-        with self._cond:
-            self._ended, self._error = True, error
-            self._cond.notify_all()
-
-    def cancel(self) -> None:
-        with self._cond:
-            self._cancelled = True
-            self._items.clear()
-            self._cond.notify_all()
-
-    def get(self, timeout: float | None) -> Any:
-        """The next item; None after ``timeout`` seconds without one; ``_END`` when the producer is done. The
-        producer's error is raised here."""
-        with self._cond:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not self._items and not self._ended:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                self._cond.wait(left if left is not None else 0.5)
-            if self._items:
-                item, size = self._items.popleft()
-                self._bytes -= size
-                self._cond.notify_all()
-                return item
-            if self._error is not None:
-                raise self._error
-            return _END
-
-    @property
-    def empty(self) -> bool:
-        with self._cond:
-            return not self._items
-
-
-class _Reader:
-    """Runs ``produce(put)`` on a daemon thread; ``stop()`` cancels the queue and closes a blocked source read."""
-
-    def __init__(self, produce: Callable[[Callable[[Any, int], bool], _Reader], None], limit: int) -> None:
-        self.pipe = _Pipe(limit)
-        self.current: Any = None  # the source iterator being read, closed by stop()
-        self._produce = produce
-        self._thread = threading.Thread(target=self._run, name="amp-sync-reader", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._produce(self.pipe.put, self)
-            self.pipe.end()
-        except BaseException as exc:
-            self.pipe.end(exc)
-
-    def stop(self) -> None:
-        self.pipe.cancel()
-        current = self.current
-        # a generator cannot be closed from another thread while it runs; our stream iterators can
-        if current is not None and hasattr(current, "close") and not hasattr(current, "gi_frame"):
-            with suppress(Exception):
-                current.close()
-        self._thread.join(timeout=10)
-
-
-def _size(event: Any) -> int:
-    return event.batch.nbytes if isinstance(event, Data) else 0
-
 
 # -- the stream buffer -------------------------------------------------------------------------------------------
 
@@ -653,7 +389,7 @@ class _Run:
 
     # -- writing from the queue --------------------------------------------------------------------------------
 
-    def _data_of_read(self, reader: _Reader, seen: dict) -> Iterator[pa.RecordBatch]:
+    def _data_of_read(self, reader: Reader, seen: dict) -> Iterator[pa.RecordBatch]:
         """The Data batches of one read, up to its end; its last Checkpoint is kept in ``seen``."""
         while True:
             if self._should_stop():
@@ -661,7 +397,7 @@ class _Run:
             item = reader.pipe.get(0.5)
             if item is None:
                 continue
-            if item is _END or item is _READ_END:
+            if item is END or item is READ_END:
                 return
             if isinstance(item, Data):
                 if item.batch.num_rows:
@@ -672,7 +408,7 @@ class _Run:
             elif isinstance(item, Reorg | Rewind):
                 raise TerminalError(f"a batch read reported {item}; only streams reorg")
 
-    def _reader_of(self, reader: _Reader, seen: dict) -> pa.RecordBatchReader:
+    def _reader_of(self, reader: Reader, seen: dict) -> pa.RecordBatchReader:
         """The rows of one read as a RecordBatchReader; its schema is the first batch's, else the source's."""
         batches = self._data_of_read(reader, seen)
         first = next(batches, None)
@@ -687,20 +423,20 @@ class _Run:
 
         return pa.RecordBatchReader.from_batches(schema, chained())
 
-    def _read_into(self, reads: list[tuple[Position | None, RowRange | None]]) -> _Reader:
-        """A reader thread that performs ``reads`` in turn, each followed by ``_READ_END``."""
+    def _read_into(self, reads: list[tuple[Position | None, RowRange | None]]) -> Reader:
+        """A reader thread that performs ``reads`` in turn, each followed by ``READ_END``."""
 
-        def produce(put, reader: _Reader) -> None:
+        def produce(put, reader: Reader) -> None:
             for resume, rows in reads:
                 events = self.source.read(resume, rows=rows) if rows is not None else self.source.read(resume)
                 reader.current = events
                 for event in events:
-                    if not put(event, _size(event)):
+                    if not put(event, event_size(event)):
                         return
-                if not put(_READ_END, 0):
+                if not put(READ_END, 0):
                     return
 
-        return _Reader(produce, self.options.queue_bytes)
+        return Reader(produce, self.options.queue_bytes)
 
     def _full_refresh(self) -> None:
         reader = self._read_into([(None, None)])
@@ -800,14 +536,14 @@ class _Run:
             raise
         reader.stop()
 
-    def _read_stream(self, position: Position | None, polling: bool) -> _Reader:
-        def produce(put, reader: _Reader) -> None:
+    def _read_stream(self, position: Position | None, polling: bool) -> Reader:
+        def produce(put, reader: Reader) -> None:
             resume = position
             while True:
                 events = self.source.read(resume)
                 reader.current = events
                 for event in events:
-                    if not put(event, _size(event)):
+                    if not put(event, event_size(event)):
                         return
                     if isinstance(event, Checkpoint) and event.position is not None:
                         resume = event.position
@@ -819,7 +555,7 @@ class _Run:
                         return
                     time.sleep(0.1)
 
-        return _Reader(produce, self.options.queue_bytes)
+        return Reader(produce, self.options.queue_bytes)
 
     def _delete(self, rows: RowRange) -> None:
         self.loader.delete(self.table, rows)
@@ -836,7 +572,7 @@ class _Follower:
         # the incomplete segment already partly written by a spill
         self.partial: _Segment | None = None
 
-    def consume(self, reader: _Reader) -> None:
+    def consume(self, reader: Reader) -> None:
         sync = self.sync
         while True:
             if sync._should_stop():
@@ -847,7 +583,7 @@ class _Follower:
                 if self._complete() and self._waited() >= sync.options.flush_seconds:
                     self._flush()
                 continue
-            if item is _END:
+            if item is END:
                 self._finish()
                 return
             if isinstance(item, Data):

@@ -145,7 +145,7 @@ def test_terminating_a_streaming_run_leaves_destination_and_checkpoint_consisten
     process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
     try:
         from amp_dagster.checkpoints import DagsterCheckpoints
-        from amp_dagster.sync import load_state
+        from amp_dagster.state import load_state
 
         deadline = time.monotonic() + 90
         with dg.DagsterInstance.from_config(str(home)) as instance:

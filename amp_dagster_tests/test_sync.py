@@ -12,15 +12,8 @@ from amp_dagster.flight.protocol import Watermark
 from amp_dagster.loaders.base import TableRef
 from amp_dagster.ranges import RowRange
 from amp_dagster.retry import RetryPolicy
-from amp_dagster.sync import (
-    MemoryCheckpoints,
-    SyncOptions,
-    SyncState,
-    live_key,
-    load_state,
-    range_key,
-    sync,
-)
+from amp_dagster.state import MemoryCheckpoints, SyncState, live_key, load_state, range_key
+from amp_dagster.sync import SyncOptions, sync
 
 from .fakes import NETWORK, MemoryLoader, PagedSource, ReplayingSource, ScriptedSource
 
@@ -189,9 +182,9 @@ def test_transient_source_errors_are_retried_then_surface():
 
 
 def test_the_queue_is_bounded_in_bytes():
-    from amp_dagster.sync import _Pipe
+    from amp_dagster.pipe import Pipe
 
-    pipe = _Pipe(limit=100)
+    pipe = Pipe(limit=100)
     assert pipe.put("a", 60)
     blocked = threading.Event()
 
@@ -258,7 +251,7 @@ def test_a_full_refresh_that_fails_leaves_the_previous_table():
 
 
 def test_explicit_ranges_are_recorded_apart_and_never_move_the_live_checkpoint():
-    from amp_dagster.sync import effective_high, range_records
+    from amp_dagster.state import effective_high, range_records
 
     store = MemoryCheckpoints()
     store.put(live_key("p"), SyncState("p", "incremental", high=99).to_json())

@@ -18,14 +18,8 @@ from amp_dagster.pipelines import parse_pipelines
 from amp_dagster.ranges import RowRange
 from amp_dagster.retry import RetryPolicy
 from amp_dagster.sources import AmpQuerySource, Page
-from amp_dagster.sync import (
-    MemoryCheckpoints,
-    SyncOptions,
-    effective_high,
-    load_state,
-    range_records,
-    sync,
-)
+from amp_dagster.state import MemoryCheckpoints, effective_high, load_state, range_records
+from amp_dagster.sync import SyncOptions, sync
 
 from . import services
 from .chaincheck import canonical, exact
@@ -250,7 +244,7 @@ def test_a_destination_unreachable_for_10_seconds_mid_stream(devserver, tmp_path
 
         def checked_put(key, value):
             # at the moment a checkpoint is written, the destination must already hold every row it covers
-            from amp_dagster.sync import SyncState
+            from amp_dagster.state import SyncState
 
             high = SyncState.from_json(value).high
             got = direct.read(table, RowRange(0, high)).read_all()

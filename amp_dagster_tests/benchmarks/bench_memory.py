@@ -191,7 +191,8 @@ def _sync(loader: Loader, table: TableRef, url: str, head: int, tag: str) -> int
     """The sync engine's stream mode from the dev server into ``loader`` until the chain head; the rows written."""
     from amp_dagster.flight.client import AmpClient
     from amp_dagster.sources import AmpQuerySource
-    from amp_dagster.sync import MemoryCheckpoints, SyncOptions, sync
+    from amp_dagster.state import MemoryCheckpoints
+    from amp_dagster.sync import SyncOptions, sync
 
     with AmpClient(url) as client:
         source = AmpQuerySource(client, "SELECT * FROM eth_rpc.logs SETTINGS stream = true", stream=True)
