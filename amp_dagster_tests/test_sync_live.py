@@ -339,3 +339,17 @@ def test_sync_refuses_a_table_ref_without_the_range_column(devserver):
     source = AmpQuerySource(AmpClient(server.url), "SELECT block_num FROM eth_rpc.blocks", stream=True)
     with pytest.raises(TerminalError, match="_block_num"):
         sync(source, MemoryLoader(), TableRef("b"), MemoryCheckpoints(), "stream", SyncOptions(until_block=5))
+
+
+def test_streams_cut_inside_microbatches_lose_and_double_nothing(devserver, store, caplog):
+    from amp_dagster.devserver.server import Fault
+
+    caplog.set_level("WARNING")
+    server = devserver(blocks=200, microbatch_blocks=40)
+    loader, table = store.loader(), store.table("logs")
+    # every DoGet is cut inside its second microbatch, after one data batch: a spill has written part of it
+    server.inject(Fault("drop", after_batches=1, microbatch=1, times=3))
+    result = _stream(server, loader, table, MemoryCheckpoints(), until_block=199, flush_bytes=1)
+    assert caplog.text.count("amp stream resumes from") == 3, "three cuts, three reconnects with a rewind"
+    verdict = exact(loader.read(table).read_all(), canonical(server, end=199))
+    assert verdict["ok"] and result.checkpoint.high == 199, verdict
