@@ -491,10 +491,22 @@ class _Run:
 
     def _each_span(self) -> None:
         """Explicit ranges: one query and one replace per contiguous span, each recorded under its own key."""
+        spans = merge_ranges(self.options.ranges)
+        if any(span.end is None for span in spans):
+            raise ConfigError(f"explicit ranges must have an end: {', '.join(map(str, spans))}")
+        head = self.source.head() if self.blockwise else None
+        if head is not None:
+            self.head = head.end
+            final = head.end - self.options.finality
+            if spans[-1].end > final:
+                # a range recorded as loaded is never read again: one that is not final yet would stay incomplete
+                raise TerminalError(
+                    f"{self.pipeline}: blocks {RowRange(max(final + 1, spans[-1].start), spans[-1].end)} are not "
+                    f"final yet (amp's head is {head.end}, finality {self.options.finality}); load them once amp "
+                    "has synced them, e.g. when the incremental sensor adds their partition"
+                )
         self._ensure(self._source_schema())
-        for span in merge_ranges(self.options.ranges):
-            if span.end is None:
-                raise ConfigError(f"explicit range {span} must have an end")
+        for span in spans:
             key = range_key(self.pipeline, span)
 
             def load(span: RowRange = span, key: str = key) -> None:

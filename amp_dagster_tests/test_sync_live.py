@@ -353,3 +353,13 @@ def test_streams_cut_inside_microbatches_lose_and_double_nothing(devserver, stor
     assert caplog.text.count("amp stream resumes from") == 3, "three cuts, three reconnects with a rewind"
     verdict = exact(loader.read(table).read_all(), canonical(server, end=199))
     assert verdict["ok"] and result.checkpoint.high == 199, verdict
+
+
+def test_an_explicit_range_past_the_final_head_is_refused(devserver):
+    from .fakes import MemoryLoader
+
+    server = devserver(blocks=100)
+    source = AmpQuerySource(AmpClient(server.url), LOGS)
+    options = SyncOptions(ranges=(RowRange(50, 99), RowRange(100, 149)), finality=5, retry=FAST)
+    with pytest.raises(TerminalError, match=r"blocks 95\.\.=149 are not final yet \(amp's head is 99, finality 5\)"):
+        sync(source, MemoryLoader(), TableRef("logs"), MemoryCheckpoints(), "incremental", options, pipeline="p")
