@@ -291,12 +291,7 @@ def test_new_nullable_column_is_added_or_named(store: Harness):
 
 # Stores whose fix of issue 9 is in progress: a strict xfail turns into a failure once the store passes, so the
 # mark is removed with the fix.
-PENDING = {
-    "test_range_predicates_are_exact_at_the_edges_of_uint64": {"delta"},
-    "test_a_range_beyond_the_column_type_is_refused_before_any_change": {
-        "delta",
-    },
-}
+PENDING: dict[str, set[str]] = {}
 
 
 @pytest.fixture(autouse=True)
