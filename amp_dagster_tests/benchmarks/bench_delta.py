@@ -1,4 +1,6 @@
-"""P4: the Delta Lake loader against plain write_deltalake: same table, writer settings, commit size and file count.
+"""P4: the Delta Lake loader against plain write_deltalake: same table, writer settings, commit size and file count;
+P12: storage after 100 range replaces with the loader's default upkeep, and the time of one range replace in a
+table ten times larger (the goal: about the same, a replace costs its range, not the table).
 
 Like for like: the reference table is created with the loader's table schema (its portable types: uint64 as
 ``decimal(20,0)``, µs timestamps, ``binary``), partition columns and configuration, and written with the loader's
@@ -10,15 +12,18 @@ of commits and data files.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.delta import DeltaLoader
+from amp_dagster.ranges import RowRange
 
-from .harness import BENCH_DIR, GOALS, Case, batches, compare, default, logs_table
+from .harness import BENCH_DIR, GOALS, Case, Goal, batches, compare, default, logs_table
 
 
 def main(rows: int, rounds: int) -> None:
@@ -114,3 +119,88 @@ def main(rows: int, rounds: int) -> None:
         result.goal(GOALS["P4"], many[1], many[0], f" ({chunks} commits)")
         print(f"    both wrote {files['many']} data file(s) in {chunks} commits")
     shutil.rmtree(root, ignore_errors=True)
+    replaces(rows, rounds)
+
+
+REPLACED = 100  # P12: range replaces in a row
+SPAN = 1_000  # blocks per timed replace
+P12 = Goal("P12", 2.0, at_most=True)
+REPLACE_TIME = Goal("replace time, 10x the table", 1.5, at_most=True)  # issue 9: proportional to the range
+
+
+def replaces(rows: int, rounds: int) -> None:
+    """P12 with the loader's default upkeep, and replace time against table size (the goal: about the same)."""
+    root = BENCH_DIR / "delta_replace"
+    shutil.rmtree(root, ignore_errors=True)
+    small, large = logs_table(rows // 10), logs_table(rows)
+    loader, table = DeltaLoader(root), TableRef("logs")
+
+    # P12: replace 100 ranges of 100 blocks (each with its own rows again, so the live size stays put)
+    loader.ensure_table(table, small.schema)
+    loader.write(table, batches(small))
+    blocks = small["_block_num"]
+    low, high = pc.min(blocks).as_py(), pc.max(blocks).as_py()
+    worst = 0.0
+    for i in range(REPLACED):
+        start = low + (i * 7_919) % max(1, high - low - 99)  # scattered over the table
+        span = RowRange(start, start + 99)
+        loader.write(table, _rows_in(small, span), replace=span)
+        worst = max(worst, _on_disk(loader.path(table)) / _live(loader, table))
+    loader.close()
+    disk, live = _on_disk(loader.path(table)), _live(loader, table)
+    print(f"\n## P12 Delta Lake storage after {REPLACED} range replaces of 100 blocks, default upkeep")
+    print(P12.line(disk / live, None, f"{disk / 2**20:,.1f} MB on disk / {live / 2**20:,.1f} MB of live files"))
+    print(f"    at worst {worst:.2f}x right after a replace, before its vacuum ({small.num_rows:,}-row table)")
+
+    # replace time: the same blocks (SPAN, fewer in a quick run) in the middle of a table of rows/10 and of rows
+    width = min(SPAN, (high - low + 1) // 4)
+    cases = []
+    for name, data in (("small", small), ("large", large)):
+        ref = TableRef(f"logs_{name}")
+        loader.ensure_table(ref, data.schema)
+        loader.write(ref, batches(data))
+        start = pc.min(data["_block_num"]).as_py() + (high - low - width) // 2  # a span the small table also has
+        span = RowRange(start, start + width - 1)
+        part = _rows_in(data, span)
+        cases.append(
+            Case(
+                f"replace {width:,} blocks in {data.num_rows:,} rows",
+                lambda ref=ref, part=part, span=span: loader.write(ref, batches(part), replace=span),
+                loader.close,  # the previous replace's upkeep is not timed
+                _holds(loader, ref, data.num_rows),
+            )
+        )
+    title = f"Delta Lake range replace time against table size ({width:,} blocks, {part.num_rows:,} rows)"
+    result = compare(title, part.num_rows, cases, rounds)
+    slower, best = (1 / result.ratio(cases[1].name, cases[0].name, best=b) for b in (False, True))
+    ratio = f"seconds of a replace in {large.num_rows:,} rows / seconds of one in {small.num_rows:,} rows"
+    print(REPLACE_TIME.line(slower, best, ratio))
+    loader.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _rows_in(table: pa.Table, span: RowRange) -> pa.Table:
+    block = table["_block_num"]
+    return table.filter(pc.and_(pc.greater_equal(block, span.start), pc.less_equal(block, span.end)))
+
+
+def _on_disk(path: Path) -> int:
+    total = 0
+    for file in path.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):  # vacuumed meanwhile
+            total += file.stat().st_size if file.is_file() else 0
+    return total
+
+
+def _live(loader: DeltaLoader, table: TableRef) -> int:
+    from deltalake import DeltaTable
+
+    return sum(Path(uri).stat().st_size for uri in DeltaTable(str(loader.path(table))).file_uris())
+
+
+def _holds(loader: DeltaLoader, table: TableRef, rows: int):
+    def check() -> None:
+        got = loader.read(table).read_all().num_rows
+        assert got == rows, f"{table}: {got} rows after the replace, expected {rows}"
+
+    return check
