@@ -289,18 +289,6 @@ def test_new_nullable_column_is_added_or_named(store: Harness):
         loader.ensure_table(table, required.schema)
 
 
-# Stores whose fix of issue 9 is in progress: a strict xfail turns into a failure once the store passes, so the
-# mark is removed with the fix.
-PENDING: dict[str, set[str]] = {}
-
-
-@pytest.fixture(autouse=True)
-def _pending(request):
-    store = getattr(request.node, "callspec", None) and request.node.callspec.params.get("store")
-    if store in PENDING.get(request.node.originalname, ()):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"issue 9: {store} fix in progress"))
-
-
 EDGES = [0, 1, 2**63 - 2, 2**63 - 1, 2**63, 2**63 + 1, 2**64 - 2, 2**64 - 1]
 
 
