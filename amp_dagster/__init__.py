@@ -70,6 +70,15 @@ _EXPORTS = {
     "AmpPipelinesComponent": "component",
     "build_amp_definitions": "component",
     "BlockRanges": "partitions",
+    "AmpResource": "resources",
+    "DestinationResource": "resources",
+    "PostgresResource": "resources",
+    "RedisResource": "resources",
+    "ClickHouseResource": "resources",
+    "DeltaResource": "resources",
+    "IcebergResource": "resources",
+    "LmdbResource": "resources",
+    "AmpIOManager": "io_managers",
     # errors and retries
     "AmpDagsterError": "errors",
     "TransientError": "errors",
@@ -135,6 +144,7 @@ if TYPE_CHECKING:
     from .flight.protocol import Rewind as Rewind
     from .flight.protocol import Rollback as Rollback
     from .flight.protocol import Watermark as Watermark
+    from .io_managers import AmpIOManager as AmpIOManager
     from .loaders.base import Capabilities as Capabilities
     from .loaders.base import Loader as Loader
     from .loaders.base import TableRef as TableRef
@@ -149,6 +159,14 @@ if TYPE_CHECKING:
     from .pipelines import Pipeline as Pipeline
     from .pipelines import load_pipelines as load_pipelines
     from .ranges import RowRange as RowRange
+    from .resources import AmpResource as AmpResource
+    from .resources import ClickHouseResource as ClickHouseResource
+    from .resources import DeltaResource as DeltaResource
+    from .resources import DestinationResource as DestinationResource
+    from .resources import IcebergResource as IcebergResource
+    from .resources import LmdbResource as LmdbResource
+    from .resources import PostgresResource as PostgresResource
+    from .resources import RedisResource as RedisResource
     from .retry import RetryPolicy as RetryPolicy
     from .sensors import build_amp_automation as build_amp_automation
     from .sensors import gap_sensor as gap_sensor

@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
@@ -137,12 +137,19 @@ SourceConfig = Annotated[
 # -- destinations ---------------------------------------------------------------------------------------------
 
 
-class PostgresDestination(_Model):
+class _Destination(_Model):
+    #: the field naming the environment variable of the destination's one secret (None: it has none)
+    secret_env: ClassVar[str | None] = None
+
+
+class PostgresDestination(_Destination):
+    secret_env: ClassVar[str] = "password_env"
+
     kind: Literal["postgres"]
     dsn: str = Field(description="libpq URL or key=value string, without the password.")
     password_env: str | None = Field(None, description="Environment variable holding the password (or PGPASSWORD).")
     uint64: Literal["numeric", "bigint"] = Field("numeric", description="How uint64 columns are stored.")
-    pool_size: int = Field(4, ge=1)
+    pool_size: int = Field(4, ge=1, description="Most connections open at once.")
 
     def location(self) -> str:
         import psycopg.conninfo
@@ -151,30 +158,36 @@ class PostgresDestination(_Model):
         info.pop("password", None)
         return f"postgres://{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
-    def build(self):
+    def build(self, secret: str | None = None):
+        """The loader; ``secret`` is the password itself, and wins over ``password_env``."""
         from .loaders.postgres import PostgresLoader
 
-        password = _env(self.password_env, "the PostgreSQL password")
+        password = secret if secret is not None else _env(self.password_env, "the PostgreSQL password")
         extra = {"password": password} if password else {}
         return PostgresLoader(self.dsn, uint64=self.uint64, pool_size=self.pool_size, **extra)
 
 
-class RedisDestination(_Model):
+class RedisDestination(_Destination):
+    secret_env: ClassVar[str] = "password_env"
+
     kind: Literal["redis"]
     url: str = Field("redis://127.0.0.1:6379/0", description="redis://host:port/db, without the password.")
-    password_env: str | None = None
-    prefix: str = "amp"
-    form: Literal["hash", "stream"] = "hash"
+    password_env: str | None = Field(None, description="Environment variable holding the password.")
+    prefix: str = Field("amp", description="First part of every key the tables are stored under.")
+    form: Literal["hash", "stream"] = Field(
+        "hash", description="hash: one hash per row (keyed by the key columns); stream: rows appended to a stream."
+    )
     ttl: int | None = Field(None, gt=0, description="Seconds before rows expire.")
 
     def location(self) -> str:
         return f"{self.url.split('@')[-1]}#{self.prefix}"
 
-    def build(self):
+    def build(self, secret: str | None = None):
+        """The loader; ``secret`` is the password itself, and wins over ``password_env``."""
         from .loaders.redis import RedisLoader
 
         url = self.url
-        password = _env(self.password_env, "the Redis password")
+        password = secret if secret is not None else _env(self.password_env, "the Redis password")
         if password:
             from urllib.parse import quote
 
@@ -182,11 +195,13 @@ class RedisDestination(_Model):
         return RedisLoader(url, prefix=self.prefix, form=self.form, ttl=self.ttl)
 
 
-class ClickHouseDestination(_Model):
+class ClickHouseDestination(_Destination):
+    secret_env: ClassVar[str] = "password_env"
+
     kind: Literal["clickhouse"]
     dsn: str = Field(description="http://host:8123/db for a server, or chdb:///path for the in-process engine.")
     password_env: str | None = Field(None, description="Environment variable holding the password.")
-    insert_rows: int = Field(131_072, ge=1)
+    insert_rows: int = Field(131_072, ge=1, description="Rows per INSERT.")
 
     def location(self) -> str:
         from urllib.parse import urlparse
@@ -194,14 +209,15 @@ class ClickHouseDestination(_Model):
         parsed = urlparse(self.dsn)
         return f"{parsed.scheme}://{parsed.hostname or ''}{':' + str(parsed.port) if parsed.port else ''}{parsed.path}"
 
-    def build(self):
+    def build(self, secret: str | None = None):
+        """The loader; ``secret`` is the password itself, and wins over ``password_env``."""
         from .loaders.clickhouse import ClickHouseLoader
 
-        return ClickHouseLoader(self.dsn, password=_env(self.password_env, "the ClickHouse password"),
-                                insert_rows=self.insert_rows)  # fmt: skip
+        password = secret if secret is not None else _env(self.password_env, "the ClickHouse password")
+        return ClickHouseLoader(self.dsn, password=password, insert_rows=self.insert_rows)
 
 
-class DeltaDestination(_Model):
+class DeltaDestination(_Destination):
     kind: Literal["delta"]
     path: str = Field(description="Local directory the Delta tables live under (one sub-directory per table).")
 
@@ -214,7 +230,9 @@ class DeltaDestination(_Model):
         return DeltaLoader(Path(self.path).expanduser())
 
 
-class IcebergDestination(_Model):
+class IcebergDestination(_Destination):
+    secret_env: ClassVar[str] = "catalog_uri_env"
+
     kind: Literal["iceberg"]
     warehouse: str = Field(description="Local warehouse directory.")
     catalog_uri_env: str | None = Field(
@@ -225,14 +243,16 @@ class IcebergDestination(_Model):
     def location(self) -> str:
         return f"iceberg://{Path(self.warehouse).expanduser().absolute()}#{self.catalog}"
 
-    def build(self):
+    def build(self, secret: str | None = None):
+        """The loader; ``secret`` is the catalog URI itself (it may hold a password), and wins over
+        ``catalog_uri_env``."""
         from .loaders.iceberg import IcebergLoader
 
-        uri = _env(self.catalog_uri_env, "the Iceberg catalog URI")
+        uri = secret if secret is not None else _env(self.catalog_uri_env, "the Iceberg catalog URI")
         return IcebergLoader(Path(self.warehouse).expanduser(), uri=uri, name=self.catalog)
 
 
-class LmdbDestination(_Model):
+class LmdbDestination(_Destination):
     kind: Literal["lmdb"]
     path: str = Field(description="Directory of the LMDB environment.")
     map_size: int = Field(2**34, ge=2**20, description="Largest size the environment may grow to, in bytes.")

@@ -50,6 +50,8 @@ class AmpClient:
 
     ``url`` is ``grpc://host:port`` or ``grpc+tls://host:port``. The bearer token comes from ``token`` or the
     ``AMP_AUTH_TOKEN`` environment variable; it is sent as ``authorization: Bearer ...`` and never logged.
+    ``timeout`` bounds, in seconds, each attempt to plan a query (GetFlightInfo): a server that accepts the
+    connection but never answers then fails as unavailable instead of hanging; reading rows has no deadline.
 
     >>> client = AmpClient("grpc://127.0.0.1:1602")                           # doctest: +SKIP
     >>> result = client.query('SELECT block_num, hash FROM "_/eth_rpc@0.0.0".blocks LIMIT 3')  # doctest: +SKIP
@@ -69,6 +71,7 @@ class AmpClient:
         query_retry: RetryPolicy = QUERY_RETRY,
         stream_retry: RetryPolicy = STREAM_RETRY,
         headers: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> None:
         if not url.startswith(_SCHEMES):
             raise ConfigError(f"amp url {url!r} must start with grpc://, grpc+tcp:// or grpc+tls://")
@@ -76,6 +79,8 @@ class AmpClient:
         self._token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self._tls = {"tls_root_certs": tls_root_certs, "disable_server_verification": disable_server_verification}
         self.query_retry, self.stream_retry = query_retry, stream_retry
+        # a deadline for planning calls only: reading a large result or a stream legitimately takes hours
+        self.timeout = timeout
         self._headers = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         self._clients: dict[str, flight.FlightClient] = {}
         self._lock = threading.Lock()
@@ -131,11 +136,11 @@ class AmpClient:
                 return self._client(uri)
         return self._client()  # no location: redeem the ticket where it was issued
 
-    def _options(self, extra: list[tuple[bytes, bytes]] = ()) -> flight.FlightCallOptions:
+    def _options(self, extra: list[tuple[bytes, bytes]] = (), timeout: float | None = None) -> flight.FlightCallOptions:
         headers = list(self._headers) + list(extra)
         if self._token:
             headers.append((b"authorization", f"Bearer {self._token}".encode()))
-        return flight.FlightCallOptions(headers=headers)
+        return flight.FlightCallOptions(headers=headers, timeout=timeout)
 
     def _flight_info(
         self, sql: str, streaming: bool | None, resume: Watermark | None, retry: RetryPolicy | None = None
@@ -146,7 +151,7 @@ class AmpClient:
         if resume:
             headers.append((b"amp-resume", resume.to_json().encode()))
         descriptor = flight.FlightDescriptor.for_command(encode_statement_query(sql))
-        options = self._options(headers)
+        options = self._options(headers, timeout=self.timeout)
         policy = self.query_retry if retry is None else retry
         return self._retrying(lambda: self._client().get_flight_info(descriptor, options), sql, policy)
 
