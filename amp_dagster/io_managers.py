@@ -30,7 +30,10 @@ from .ranges import BLOCK_NUM, RowRange, merge_ranges
 from .resources import AmpResource, DestinationResource, _mirror
 
 ArrowOutput = pa.Table | pa.RecordBatchReader
-_ACCEPTED = "a pyarrow Table or RecordBatchReader, a polars DataFrame or LazyFrame, or None"
+_ACCEPTED = (
+    "a pyarrow Table or RecordBatchReader, a polars DataFrame or LazyFrame, an object with the Arrow stream "
+    "interface (__arrow_c_stream__), or None"
+)
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,9 @@ class AmpIOManager(dg.ConfigurableIOManager):
     """Stores asset outputs in any amp_dagster destination and loads them back.
 
     - Outputs: ``pyarrow.Table``, ``pyarrow.RecordBatchReader``, ``polars.DataFrame``, ``polars.LazyFrame``
-      (collected in batches by polars' streaming engine) or ``None`` (nothing is written). Readers and lazy frames
-      are streamed into the store batch by batch.
+      (collected in batches by polars' streaming engine), any object with the Arrow stream interface (amp's
+      ``QueryResult``, duckdb, DataFusion) or ``None`` (nothing is written). Readers, streams and lazy frames go
+      into the store batch by batch.
     - An unpartitioned asset replaces its whole table (atomically where the store can). A partitioned asset
       replaces exactly the rows of the run's partitions, and nothing else: one key, a key range (a single-run
       backfill) or a time window. Block-range keys (``000000000000-000000009999``, see
@@ -115,10 +119,11 @@ class AmpIOManager(dg.ConfigurableIOManager):
             return
         asset = _asset_name(context, "store")
         table = self._table(context.asset_key, context.definition_metadata)
+        partitions = None
+        if context.has_asset_partitions:
+            partitions = self._partitions(asset, context.asset_partitions_def, context.asset_partition_keys)
         data = _to_arrow(obj, asset)
         _check_range_column(data.schema, table, asset)
-        partitions = self._partitions(asset, context.asset_partitions_def, context.asset_partition_keys) if (
-            context.has_asset_partitions) else None  # fmt: skip
         started = time.monotonic()
         with self.destination.loader() as loader:
             if partitions is None:
@@ -318,8 +323,8 @@ def _value(value: Any) -> Any:
 
 
 def _to_arrow(obj: Any, asset: str) -> ArrowOutput:
-    """An output as Arrow: tables and readers as they are, polars through its Arrow export, batch by batch for a
-    LazyFrame."""
+    """An output as Arrow: tables and readers as they are, polars through its Arrow export (batch by batch for a
+    LazyFrame), anything else that exports an Arrow stream (amp's QueryResult, duckdb, DataFusion) through it."""
     if isinstance(obj, pa.Table | pa.RecordBatchReader):
         return obj
     if type(obj).__module__.startswith("polars"):
@@ -329,6 +334,8 @@ def _to_arrow(obj: Any, asset: str) -> ArrowOutput:
             return obj.to_arrow()
         if isinstance(obj, pl.LazyFrame):
             return _lazy_reader(obj)
+    if hasattr(obj, "__arrow_c_stream__"):
+        return pa.RecordBatchReader.from_stream(obj)
     raise TerminalError(
         f"AmpIOManager cannot store the {type(obj).__module__}.{type(obj).__name__} returned by asset {asset}: "
         f"return {_ACCEPTED}."
