@@ -265,6 +265,7 @@ class AmpIOManager(dg.ConfigurableIOManager):
                     f"{self.blocks_table} table, but the IO manager has no amp resource. Configure it: "
                     "AmpIOManager(destination=..., amp=AmpResource(url=...), blocks_table=...)."
                 )
+            # one small query per partition: each key's own blocks, for its own row count and metadata
             with self.amp.client() as client:
                 windows = {k: definition.time_window_for_partition_key(k) for k in keys}
                 return PartitionBlocks(

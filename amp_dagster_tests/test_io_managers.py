@@ -166,6 +166,7 @@ def run_ids(rows: pa.Table) -> set[str]:
 # -- partitions replace exactly their rows, on every store -------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DESTINATIONS)
 def test_partition_runs_replace_exactly_their_blocks(name, make_store, instance):
     store = make_store(name)
@@ -300,14 +301,14 @@ def test_a_lazy_frame_is_streamed_in_batches(make_store, instance, monkeypatch):
     assert stored(store).num_rows == 80 and sum(collected) == 80
 
 
-@pytest.mark.parametrize(
-    "annotation", [pa.Table, pa.RecordBatchReader, pl.DataFrame, pl.LazyFrame], ids=lambda t: t.__name__
-)
-def test_inputs_load_as_annotated_for_a_partition_a_range_and_the_whole_table(annotation, make_store, instance):
+ANNOTATIONS = [pa.Table, pa.RecordBatchReader, pl.DataFrame, pl.LazyFrame]
+
+
+def test_inputs_load_as_annotated_for_a_partition_a_range_and_the_whole_table(make_store, instance):
     store = make_store("delta")
     io_manager = AmpIOManager(destination=destination("delta", store), schema=store.namespace)
     upstream = block_asset()
-    seen: list = []
+    seen: dict[str, list] = {"partition": [], "whole": []}
 
     def as_table(value) -> pa.Table:
         if isinstance(value, pl.LazyFrame):
@@ -316,34 +317,43 @@ def test_inputs_load_as_annotated_for_a_partition_a_range_and_the_whole_table(an
             return value.to_arrow()
         return value.read_all() if isinstance(value, pa.RecordBatchReader) else value
 
-    @dg.asset(partitions_def=RANGES.definition, backfill_policy=dg.BackfillPolicy.single_run())
-    def per_partition(events: annotation) -> None:  # type: ignore[valid-type]
-        seen.append((type(events), as_table(events)))
+    def downstream(annotation, name: str, upstream_name: str, partitioned: bool):
+        """An asset whose one input, annotated ``annotation``, is recorded in ``seen[name]``; it returns None."""
+        options = {"name": f"{name}_{annotation.__name__}", "ins": {"rows": dg.AssetIn(upstream_name)}}
+        if partitioned:
+            options |= {"partitions_def": RANGES.definition, "backfill_policy": dg.BackfillPolicy.single_run()}
+
+        @dg.asset(**options)
+        def _asset(rows: annotation) -> None:  # type: ignore[valid-type]
+            seen[name].append((annotation, type(rows), as_table(rows)))
+
+        return _asset
+
+    per_partition = [downstream(t, "partition", "events", partitioned=True) for t in ANNOTATIONS]
+    whole = [downstream(t, "whole", "full", partitioned=False) for t in ANNOTATIONS]
 
     @dg.asset(name="full", metadata={"key": list(KEY)})
     def full(context: dg.AssetExecutionContext) -> pa.Table:
         return events([RowRange(100, 104)], context.run.run_id)
 
-    @dg.asset
-    def whole(full: annotation) -> None:  # type: ignore[valid-type]
-        seen.append((type(full), as_table(full)))
-
     run([upstream], io_manager, instance, KEYS[0:4])
-    run([upstream, per_partition], io_manager, instance, KEYS[2], selection=[per_partition])
-    run([upstream, per_partition], io_manager, instance, KEYS[1:3], selection=[per_partition])
-    dg.materialize([full, whole], instance=instance, resources={"io_manager": io_manager})
+    run([upstream, *per_partition], io_manager, instance, KEYS[2], selection=per_partition)
+    run([upstream, *per_partition], io_manager, instance, KEYS[1:3], selection=per_partition)
+    dg.materialize([full, *whole], instance=instance, resources={"io_manager": io_manager})
 
-    (kind_one, one), (kind_range, ranged), (kind_whole, everything) = seen
-    assert kind_one is kind_range is kind_whole is annotation
-    assert sorted(set(one.column("_block_num").to_pylist())) == list(range(20, 30))
-    assert sorted(set(ranged.column("_block_num").to_pylist())) == list(range(10, 30))
-    assert ranged.num_rows == 40 and one.num_rows == 20
-    assert everything.num_rows == 10 and sorted(set(everything.column("_block_num").to_pylist())) == [*range(100, 105)]
+    def blocks(rows: pa.Table) -> list[int]:
+        return sorted(set(rows.column("_block_num").to_pylist()))
+
+    assert [(want, got) for want, got, _ in seen["partition"] + seen["whole"] if got is not want] == []
+    one, ranged = seen["partition"][:4], seen["partition"][4:]
+    assert [(blocks(rows), rows.num_rows) for *_, rows in one] == [([*range(20, 30)], 20)] * 4, "one partition"
+    assert [(blocks(rows), rows.num_rows) for *_, rows in ranged] == [([*range(10, 30)], 40)] * 4, "a range"
+    assert [(blocks(rows), rows.num_rows) for *_, rows in seen["whole"]] == [([*range(100, 105)], 10)] * 4
     with pytest.raises(TerminalError, match="does not exist"):  # a None output writes nothing
-        store.loader().read(store.table("per_partition")).read_all()
+        store.loader().read(store.table("partition_Table")).read_all()
 
 
-def test_a_lazy_input_reads_only_what_the_query_needs(make_store, instance):
+def test_a_lazy_input_applies_projection_filter_and_limit_at_each_collect(make_store, instance):
     store = make_store("delta")
     io_manager = AmpIOManager(destination=destination("delta", store), schema=store.namespace)
     seen: list = []
@@ -366,6 +376,7 @@ def test_a_lazy_input_reads_only_what_the_query_needs(make_store, instance):
 DAYS = dg.DailyPartitionsDefinition(start_date="2015-07-30", end_date="2015-08-03")
 
 
+@pytest.mark.slow
 def test_daily_partitions_replace_exactly_their_window_of_blocks(devserver, make_store, instance):
     server = devserver(blocks=20_000, block_time=0)
     store = make_store("postgres")
@@ -566,6 +577,7 @@ def test_failing_metadata_never_fails_the_materialization(make_store, instance, 
 # -- Dagster instances ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_instance", [sqlite_instance, postgres_instance], ids=["sqlite", "postgres"])
 def test_the_same_materialization_on_sqlite_and_postgres_instances(make_instance, make_store, tmp_path):
     store = make_store("delta")
@@ -576,6 +588,6 @@ def test_the_same_materialization_on_sqlite_and_postgres_instances(make_instance
         run([asset], io_manager, instance, KEYS[0])
         backfill = run([asset], io_manager, instance, KEYS[1:4])
         recorded = instance.fetch_materializations(dg.AssetKey("events"), limit=10).records
-    assert sorted(r.partition_key for r in recorded) == KEYS[0:4]
-    assert {r.run_id for r in recorded} - {backfill.run_id} != set()
+    by_backfill = sorted((r.partition_key, r.run_id == backfill.run_id) for r in recorded)
+    assert by_backfill == [(KEYS[0], False), (KEYS[1], True), (KEYS[2], True), (KEYS[3], True)]
     assert counts(stored(store)) == {**dict.fromkeys(KEYS[0:4], 20), KEYS[4]: 0}
