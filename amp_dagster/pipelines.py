@@ -220,6 +220,9 @@ class ClickHouseDestination(_Destination):
 class DeltaDestination(_Destination):
     kind: Literal["delta"]
     path: str = Field(description="Local directory the Delta tables live under (one sub-directory per table).")
+    vacuum_every: int = Field(1, ge=0, description="Delete replaced files after this many commits (0: never).")
+    retention_hours: int = Field(0, ge=0, description="Keep replaced files this long for readers of old versions.")
+    compact_files: int = Field(32, ge=0, description="Compact a table once it has this many small files (0: never).")
 
     def location(self) -> str:
         return f"delta://{Path(self.path).expanduser().absolute()}"
@@ -227,7 +230,8 @@ class DeltaDestination(_Destination):
     def build(self):
         from .loaders.delta import DeltaLoader
 
-        return DeltaLoader(Path(self.path).expanduser())
+        return DeltaLoader(Path(self.path).expanduser(), vacuum_every=self.vacuum_every,
+                           retention_hours=self.retention_hours, compact_files=self.compact_files)  # fmt: skip
 
 
 class IcebergDestination(_Destination):

@@ -286,6 +286,9 @@ class DeltaResource(DestinationResource):
     model: ClassVar[type[BaseModel]] = DeltaDestination
 
     path: str = _mirror(DeltaDestination, "path")
+    vacuum_every: int = _mirror(DeltaDestination, "vacuum_every")
+    retention_hours: int = _mirror(DeltaDestination, "retention_hours")
+    compact_files: int = _mirror(DeltaDestination, "compact_files")
 
 
 class IcebergResource(DestinationResource):
