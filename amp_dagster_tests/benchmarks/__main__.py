@@ -1,20 +1,30 @@
 """`make bench`: run the benchmark modules (all, or those named) and print their tables beside the goals.
 
-python -m amp_dagster_tests.benchmarks [names ...] [--rows N] [--rounds R]
+python -m amp_dagster_tests.benchmarks [names or goals ...] [--rows N] [--rounds R] [--seconds S]
 
-Figures come from the defaults (1,000,000 rows, 3 rounds) on a quiet machine; a smaller --rows and --rounds 1 make a
-smoke run that only shows every benchmark still works.
+A benchmark is named by its module (postgres, endtoend, ...) or by the goal of PERFORMANCE.md it measures (p2, p7,
+...). Figures come from the defaults (1,000,000 rows, 3 rounds, 60 s of stream) on a quiet machine; a smaller
+--rows, --rounds 1 and a few --seconds make a smoke run that only shows every benchmark still works.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import pkgutil
 import sys
 from pathlib import Path
 
-from .harness import MIN_ROUNDS, QUIET_LOAD, load_average
+from .harness import MIN_ROUNDS, MIN_SECONDS, QUIET_LOAD, load_average
+
+# the goal each benchmark module measures (PERFORMANCE.md), so that `make bench` runs one by either name
+GOALS = {"p1": "flight", "p2": "postgres", "p3": "redis", "p4": "delta", "p5": "iceberg", "p6": "clickhouse",
+         "p7": "endtoend", "p8": "freshness", "p9": "memory", "p10": "dagster", "p11": "backfill"}  # fmt: skip
+
+
+def _takes(function, parameter: str) -> bool:
+    return parameter in inspect.signature(function).parameters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="make bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "names", nargs="*", choices=[*available, []], help=f"benchmarks to run (default: all of {available})"
+        "names",
+        nargs="*",
+        choices=[*available, *GOALS, []],
+        help=f"benchmarks to run, by name or goal (default: all of {available})",
     )
     parser.add_argument(
         "--rows", type=int, default=1_000_000, help="rows per case (default 1,000,000; memory also runs 5x this)"
@@ -37,13 +50,25 @@ def main(argv: list[str] | None = None) -> int:
         default=MIN_ROUNDS,
         help=f"interleaved rounds; for memory, fresh processes per size (default {MIN_ROUNDS})",
     )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=MIN_SECONDS,
+        help=f"freshness (P8): seconds of new blocks to time (default {MIN_SECONDS})",
+    )
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.rounds < 1:
-        parser.error(f"--rows and --rounds must be at least 1, got --rows {args.rows} --rounds {args.rounds}")
+    if args.rows < 1 or args.rounds < 1 or args.seconds <= 0:
+        parser.error(
+            f"--rows and --rounds must be at least 1 and --seconds above 0, got --rows {args.rows} --rounds "
+            f"{args.rounds} --seconds {args.seconds}"
+        )
     if load_average() > QUIET_LOAD:
         print(f"warning: load average is {load_average():.2f}; figures from a busy machine are unreliable")
-    for name in args.names or available:
-        importlib.import_module(f"{__package__}.bench_{name}").main(rows=args.rows, rounds=args.rounds)
+    names = dict.fromkeys(GOALS.get(name, name) for name in args.names or available)
+    for name in names:
+        bench = importlib.import_module(f"{__package__}.bench_{name}").main
+        extra = {"seconds": args.seconds} if _takes(bench, "seconds") else {}
+        bench(rows=args.rows, rounds=args.rounds, **extra)
     return 0
 
 
