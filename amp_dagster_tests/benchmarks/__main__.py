@@ -1,10 +1,11 @@
 """`make bench`: run the benchmark modules (all, or those named) and print their tables beside the goals.
 
-python -m amp_dagster_tests.benchmarks [names or goals ...] [--rows N] [--rounds R] [--seconds S]
+python -m amp_dagster_tests.benchmarks [names or goals ...] [--rows N] [--rounds R] [--seconds S] [--partitions P]
 
 A benchmark is named by its module (postgres, endtoend, ...) or by the goal of PERFORMANCE.md it measures (p2, p7,
-...). Figures come from the defaults (1,000,000 rows, 3 rounds, 60 s of stream) on a quiet machine; a smaller
---rows, --rounds 1 and a few --seconds make a smoke run that only shows every benchmark still works.
+...). Figures come from the defaults (1,000,000 rows, 3 rounds, 60 s of stream, 1,000 partitions) on a quiet
+machine; a smaller --rows, --rounds 1, a few --seconds and --partitions make a smoke run that only shows every
+benchmark still works.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pkgutil
 import sys
 from pathlib import Path
 
-from .harness import MIN_ROUNDS, MIN_SECONDS, QUIET_LOAD, load_average
+from .harness import BACKFILL_PARTITIONS, MIN_ROUNDS, MIN_SECONDS, QUIET_LOAD, load_average
 
 # the goal each benchmark module measures (PERFORMANCE.md), so that `make bench` runs one by either name
 GOALS = {"p1": "flight", "p2": "postgres", "p3": "redis", "p4": "delta", "p5": "iceberg", "p6": "clickhouse",
@@ -56,18 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         default=MIN_SECONDS,
         help=f"freshness (P8): seconds of new blocks to time (default {MIN_SECONDS})",
     )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=BACKFILL_PARTITIONS,
+        help=f"backfill (P11): partitions of the single-run backfill (default {BACKFILL_PARTITIONS:,})",
+    )
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.rounds < 1 or args.seconds <= 0:
+    if args.rows < 1 or args.rounds < 1 or args.seconds <= 0 or args.partitions < 2:
         parser.error(
-            f"--rows and --rounds must be at least 1 and --seconds above 0, got --rows {args.rows} --rounds "
-            f"{args.rounds} --seconds {args.seconds}"
+            f"--rows and --rounds must be at least 1, --seconds above 0 and --partitions at least 2, got --rows "
+            f"{args.rows} --rounds {args.rounds} --seconds {args.seconds:g} --partitions {args.partitions}"
         )
     if load_average() > QUIET_LOAD:
         print(f"warning: load average is {load_average():.2f}; figures from a busy machine are unreliable")
     names = dict.fromkeys(GOALS.get(name, name) for name in args.names or available)
     for name in names:
         bench = importlib.import_module(f"{__package__}.bench_{name}").main
-        extra = {"seconds": args.seconds} if _takes(bench, "seconds") else {}
+        extra = {name: getattr(args, name) for name in ("seconds", "partitions") if _takes(bench, name)}
         bench(rows=args.rows, rounds=args.rounds, **extra)
     return 0
 

@@ -12,9 +12,14 @@ the rows. It reports, for the write alone:
 The table gives the median of each over the processes, and the ratio of the medians at 5x to those at 1x. After the
 write the child reads the table back through the loader and checks the row count and the sum of ``log_index``.
 
-The ``engine`` row is the whole path in one process: a dev server (in its own process, as amp would be) streams the
-logs, and ``sync`` (stream mode, until the chain head) reads them with AmpClient and writes them through the
-PostgreSQL loader: the fewest whole blocks that hold ``rows`` rows, checked against the chain the server serves.
+The ``engine`` rows are the sync engine's whole path in one process: a dev server (in its own process, as amp would
+be) serves the fewest whole blocks that hold ``rows`` rows, and ``sync`` reads them with AmpClient and writes them
+through the PostgreSQL loader, checked against the chain the server serves. ``engine`` is stream mode until the
+chain head (microbatches of 1,000 blocks, buffered up to the flush thresholds: the loader's 100,000 rows or 64 MiB);
+``engine-incr`` is incremental mode (batch queries of 100,000 blocks, each streamed from the reader thread straight
+into one COPY). Both hold at most the reader's queue (128 MiB of Arrow) and, in stream mode, one flush's worth of
+rows, whatever the size of the result: at 1M rows (about 400 MB of Arrow) both bounds are already reached, so the
+5x figure shows whether anything else grows with the rows.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from amp_dagster.loaders.base import Loader, TableRef
 from ..services import POSTGRES_DSN, REDIS_URL, closed_port
 from .harness import GOALS, load_average, rounds_note
 
-STORES = ("postgres", "redis", "clickhouse", "delta", "iceberg", "lmdb", "engine")
+ENGINES = {"engine": "stream", "engine-incr": "incremental"}  # the sync engine's rows and their modes
+STORES = ("postgres", "redis", "clickhouse", "delta", "iceberg", "lmdb", *ENGINES)
 START_BLOCK, SEED = 15_000_000, 42
 FACTOR = 5
 REDIS_BENCH_DB = 15
@@ -103,7 +109,7 @@ def lazy_logs(rows: int, sums: list[int]) -> pa.RecordBatchReader:
 
 
 def _loader(store: str, workdir: str, tag: str) -> Loader:
-    if store in ("postgres", "engine"):
+    if store == "postgres" or store in ENGINES:
         from amp_dagster.loaders.postgres import PostgresLoader
 
         return PostgresLoader(POSTGRES_DSN)
@@ -140,9 +146,9 @@ def child(store: str, rows: int, blocks: int) -> None:
     table = TableRef("logs_mem", namespace=tag)
     try:
         with _loader(store, workdir, tag) as loader, contextlib.ExitStack() as stack:
-            if store == "engine":
+            if store in ENGINES:
                 url, head = stack.enter_context(_devserver(blocks)), START_BLOCK + blocks - 1
-                work = functools.partial(_sync, loader, table, url, head, tag)
+                work = functools.partial(_sync, ENGINES[store], loader, table, url, head, tag)
                 expected = functools.partial(_chain_sums, blocks)
             else:
                 loader.ensure_table(table, LOGS)
@@ -187,18 +193,19 @@ def _devserver(blocks: int) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-def _sync(loader: Loader, table: TableRef, url: str, head: int, tag: str) -> int:
-    """The sync engine's stream mode from the dev server into ``loader`` until the chain head; the rows written."""
+def _sync(mode: str, loader: Loader, table: TableRef, url: str, head: int, tag: str) -> int:
+    """The sync engine from the dev server into ``loader`` up to the chain head, in ``mode``; the rows written."""
     from amp_dagster.flight.client import AmpClient
     from amp_dagster.sources import AmpQuerySource
     from amp_dagster.state import MemoryCheckpoints
     from amp_dagster.sync import SyncOptions, sync
 
+    stream = mode == "stream"
+    sql = "SELECT * FROM eth_rpc.logs" + (" SETTINGS stream = true" if stream else "")
     with AmpClient(url) as client:
-        source = AmpQuerySource(client, "SELECT * FROM eth_rpc.logs SETTINGS stream = true", stream=True)
-        return sync(
-            source, loader, table, MemoryCheckpoints(), "stream", SyncOptions(until_block=head), pipeline=tag
-        ).rows
+        source = AmpQuerySource(client, sql, stream=stream)
+        options = SyncOptions(until_block=head)
+        return sync(source, loader, table, MemoryCheckpoints(), mode, options, pipeline=tag).rows
 
 
 def blocks_for(rows: int) -> int:
@@ -224,7 +231,7 @@ def _chain_sums(blocks: int) -> tuple[int, int]:
 
 
 def _cleanup(store: str, tag: str) -> None:
-    if store in ("postgres", "engine"):
+    if store == "postgres" or store in ENGINES:
         import psycopg
         from psycopg import sql
 

@@ -20,6 +20,7 @@ BENCH_DIR = Path(os.environ.get("AMP_BENCH_DIR", Path(__file__).resolve().parent
 MIN_ROUNDS = 3  # PERFORMANCE.md: at least 3 interleaved rounds (or fresh processes) per figure
 QUIET_LOAD = 1.5  # PERFORMANCE.md: measure only below about this load average
 MIN_SECONDS = 60  # P8: freshness over at least a minute of blocks
+BACKFILL_PARTITIONS = 1000  # P11: the partitions of the single-run backfill
 START_BLOCK, SEED = 15_000_000, 42  # the benchmarks' chain
 
 
@@ -162,6 +163,12 @@ def logs_table(rows: int) -> pa.Table:
 
 def batches(table: pa.Table, rows_per_batch: int = 65_536) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=rows_per_batch))
+
+
+def range_query(sql: str, start: int, end: int) -> str:
+    """``sql`` restricted to blocks ``start..=end`` as AmpQuerySource restricts it: what a plain asset writes by hand
+    to load the same rows."""
+    return f'SELECT * FROM ({sql}) AS amp_source WHERE "_block_num" >= {start} AND "_block_num" <= {end}'
 
 
 def percentile(values: Sequence[float], q: float) -> float:
