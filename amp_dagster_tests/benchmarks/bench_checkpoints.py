@@ -21,7 +21,7 @@ from pathlib import Path
 from amp_dagster.checkpoints import DagsterCheckpoints
 from amp_dagster.flight.protocol import Watermark
 from amp_dagster.ranges import RowRange
-from amp_dagster.sync import KEY_PREFIX, SyncState, live_key, range_key
+from amp_dagster.state import KEY_PREFIX, SyncState, live_key, range_key
 
 from ..instances import postgres_instance, sqlite_instance
 from .harness import START_BLOCK, load_average, percentile, rounds_note

@@ -39,7 +39,8 @@ from amp_dagster.loaders.base import TableRef
 from amp_dagster.loaders.postgres import PostgresLoader
 from amp_dagster.ranges import RowRange
 from amp_dagster.sources import AmpQuerySource
-from amp_dagster.sync import MemoryCheckpoints, sync
+from amp_dagster.state import MemoryCheckpoints
+from amp_dagster.sync import sync
 
 from ..services import POSTGRES_DSN, require_postgres
 from .bench_memory import blocks_for
