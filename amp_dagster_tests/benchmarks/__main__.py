@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     names = dict.fromkeys(GOALS.get(name, name) for name in args.names or available)
     for name in names:
         bench = importlib.import_module(f"{__package__}.bench_{name}").main
-        extra = {name: getattr(args, name) for name in ("seconds", "partitions") if _takes(bench, name)}
+        extra = {option: getattr(args, option) for option in ("seconds", "partitions") if _takes(bench, option)}
         bench(rows=args.rows, rounds=args.rounds, **extra)
     return 0
 

@@ -42,12 +42,11 @@ from amp_dagster.devserver.chain import Chain
 from amp_dagster.devserver.schemas import LOGS
 from amp_dagster.loaders.base import Loader, TableRef
 
-from ..services import POSTGRES_DSN, REDIS_URL, closed_port
-from .harness import GOALS, load_average, rounds_note
+from ..services import POSTGRES_DSN, REDIS_URL
+from .harness import GOALS, SEED, START_BLOCK, devserver, load_average, rounds_note
 
 ENGINES = {"engine": "stream", "engine-incr": "incremental"}  # the sync engine's rows and their modes
 STORES = ("postgres", "redis", "clickhouse", "delta", "iceberg", "lmdb", *ENGINES)
-START_BLOCK, SEED = 15_000_000, 42
 FACTOR = 5
 REDIS_BENCH_DB = 15
 FIELDS = ("VmHWM", "RssAnon", "RssFile", "RssShmem")
@@ -147,7 +146,7 @@ def child(store: str, rows: int, blocks: int) -> None:
     try:
         with _loader(store, workdir, tag) as loader, contextlib.ExitStack() as stack:
             if store in ENGINES:
-                url, head = stack.enter_context(_devserver(blocks)), START_BLOCK + blocks - 1
+                url, head = stack.enter_context(devserver(blocks)).url, START_BLOCK + blocks - 1
                 work = functools.partial(_sync, ENGINES[store], loader, table, url, head, tag)
                 expected = functools.partial(_chain_sums, blocks)
             else:
@@ -171,26 +170,6 @@ def child(store: str, rows: int, blocks: int) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         _cleanup(store, tag)
-
-
-@contextlib.contextmanager
-def _devserver(blocks: int) -> Iterator[str]:
-    """A dev server in its own process serving ``blocks`` blocks of the bench's chain; yields its URL."""
-    port = closed_port()
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "amp_dagster.cli", "devserver", "--port", str(port), "--admin-port", "-1"),
-            *("--blocks", str(blocks), "--block-time", "0", "--start-block", str(START_BLOCK), "--seed", str(SEED)),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        server.stdout.readline()  # it prints a line once it serves
-        yield f"grpc://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _sync(mode: str, loader: Loader, table: TableRef, url: str, head: int, tag: str) -> int:
