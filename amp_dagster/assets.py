@@ -163,17 +163,21 @@ class AmpSyncResource(dg.ConfigurableResource):
             client = pipeline.source.build("incremental").client
             table = pipeline.partitions.blocks_table
             to_blocks = lambda start, end: window_blocks(client, table, start, end)  # noqa: E731
-        ranges = run_ranges(context, to_blocks) or []
+        partition_keys = list(context.partition_keys)  # a lookup in the instance: once per run
+        ranges = run_ranges(context, to_blocks, partition_keys) or []
         started = time.monotonic()
-        counter = _PartitionCounter(pipeline.source_for("incremental"), _partition_bounds(context, ranges))
+        counter = _PartitionCounter(pipeline.source_for("incremental"), _partition_bounds(partition_keys, ranges))
         result = None
         if ranges:
             run_id = context.run.run_id
             result = _interruptible(lambda stop: pipeline.run(
                 store, mode="incremental", ranges=ranges, run_id=run_id, lock_wait=self.lock_wait, stop=stop,
                 source=counter, **options))  # fmt: skip
-        for partition, rows in counter.counts().items():
-            context.add_asset_metadata({"dagster/partition_row_count": rows}, asset_key=key, partition_key=partition)
+        if len(partition_keys) > 1:  # a range run: each partition's own count (one partition: the total is it)
+            for partition, rows in counter.counts().items():
+                context.add_asset_metadata(
+                    {"dagster/partition_row_count": rows}, asset_key=key, partition_key=partition
+                )
         metadata = _metadata(pipeline, result, store, started, row_key="dagster/partition_row_count")
         metadata["amp/ranges"] = ", ".join(str(r) for r in ranges) or "no blocks in this window"
         return dg.MaterializeResult(asset_key=key, metadata=metadata)
@@ -276,8 +280,7 @@ class _PartitionCounter:
         return dict(zip(self._keys, (int(n) for n in self._counts), strict=True))
 
 
-def _partition_bounds(context, ranges: list[RowRange]) -> list[tuple[str, RowRange]]:
-    keys = list(context.partition_keys)
+def _partition_bounds(keys: list[str], ranges: list[RowRange]) -> list[tuple[str, RowRange]]:
     try:
         return sorted(((k, key_range(k)) for k in keys), key=lambda kv: kv[1].start)
     except Exception:  # time windows: one window's rows all count for it (per-key windows are not kept apart)

@@ -115,11 +115,12 @@ def window_blocks(client: Any, blocks_table: str, start: datetime, end: datetime
 # -- what a run loads ---------------------------------------------------------------------------------------------
 
 
-def run_ranges(context: Any, time_window_to_blocks=None) -> list[RowRange] | None:
+def run_ranges(context: Any, time_window_to_blocks=None, keys: Sequence[str] | None = None) -> list[RowRange] | None:
     """The block ranges a (possibly range-) partitioned run covers, merged; None for an unpartitioned run.
 
     Works for one key, a key range (single-run backfill) and a time window; never reads ``partition_key``,
-    which Dagster refuses in range runs. ``time_window_to_blocks(start, end)`` maps a time window.
+    which Dagster refuses in range runs. ``time_window_to_blocks(start, end)`` maps a time window; ``keys`` are
+    the run's partition keys when the caller has read them already (each read is a lookup in the instance).
     """
     if not context.has_partition_key_range and not context.has_partition_key:
         return None
@@ -132,4 +133,4 @@ def run_ranges(context: Any, time_window_to_blocks=None) -> list[RowRange] | Non
             raise ConfigError("a time-partitioned amp asset needs an amp client to map its window to blocks")
         rows = time_window_to_blocks(window.start, window.end)
         return [] if rows is None else [rows]
-    return keys_to_ranges(context.partition_keys)
+    return keys_to_ranges(context.partition_keys if keys is None else keys)

@@ -73,6 +73,7 @@ class _Shared:
     """One open environment, shared by this process's loaders on its path (LMDB must not be opened twice)."""
 
     env: lmdb.Environment
+    catalog: Any  # the catalog database's handle, opened once with the environment
     users: int = 0
 
 
@@ -256,18 +257,20 @@ class LmdbLoader(Loader):
         if self._shared is None:
             with _ENVS_LOCK:
                 if self.path not in _ENVS:
-                    _ENVS[self.path] = _Shared(self._open())
+                    _ENVS[self.path] = _Shared(*self._open())
                 shared = self._shared = _ENVS[self.path]
                 shared.users += 1
-            self._catalog = shared.env.open_db(CATALOG)
+            self._catalog = shared.catalog
         return self._shared.env
 
-    def _open(self) -> lmdb.Environment:
+    def _open(self) -> tuple[lmdb.Environment, Any]:
+        """The environment and its catalog's handle. The catalog is opened (and created) here, once per process:
+        ``open_db`` takes LMDB's write lock without releasing the GIL, so opened later it could wait forever for
+        another thread's write transaction, which needs the GIL to finish. A path LMDB cannot write fails here."""
         try:
             os.makedirs(self.path, exist_ok=True)
             env = lmdb.open(self.path, map_size=self._map_size, writemap=self._writemap, max_dbs=self._max_dbs)
-            env.open_db(CATALOG)  # created here, so that a path LMDB cannot write fails here
-            return env
+            return env, env.open_db(CATALOG)
         except (OSError, lmdb.Error) as exc:
             sized = (
                 f" With writemap=True LMDB sizes data.mdb to map_size ({self._map_size:,} bytes, a sparse file): "

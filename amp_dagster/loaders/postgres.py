@@ -244,7 +244,9 @@ class PostgresLoader(Loader):
                 for col in (c for c in cols if c.name in added):
                     cur.execute(_sql("ALTER TABLE {} ADD COLUMN {} " + col.pg_type, _ident(table), _id(col.name)))
                 _create_indexes(cur, table, _ident(table), _index_names(table))
-                if stored is not None or _comment(cur, table) is None:  # never overwrite a foreign comment
+                # the comment changes only with new columns (a catalog write on every sync otherwise); a foreign
+                # comment is never overwritten
+                if (stored is not None and added) or (stored is None and _comment(cur, table) is None):
                     _set_comment(cur, _ident(table), widen(stored, schema, added) if stored else schema)
 
         self._retrying(run, f"ensure_table {table}")
