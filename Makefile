@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` and `make test`. `make bench` runs the benchmarks.
+# The two commands of the README: `make demo` and `make test`. `make dev` serves the demo code location in Dagster's
+# UI; `make bench` runs the benchmarks.
 SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
@@ -6,7 +7,7 @@ PYTHON ?= python3
 UV := $(PYTHON) -m uv
 RUN := $(UV) run --frozen
 
-.PHONY: install services lint format test demo bench clean
+.PHONY: install services lint format test demo dev bench clean
 
 install:  ## uv (installed with pip if missing) and the locked environment
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -26,8 +27,17 @@ format: install
 test: install services lint
 	$(RUN) pytest $(PYTEST_ARGS)
 
-demo: install
+demo: install  ## the demo code location run headless through Dagster (stores and instance under .demo/headless)
 	$(RUN) python -m amp_dagster.demo
+
+# A dev server on :1602 (a block a second from 15000000) and `dagster dev` on 127.0.0.1:3000 with the demo code
+# location; the instance lives in .demo/dagster_home, the stores under .demo. Ctrl-C stops both.
+DEV_HOME := $(CURDIR)/.demo/dagster_home
+dev: install
+	@mkdir -p $(DEV_HOME) && cp dagster.yaml $(DEV_HOME)/dagster.yaml
+	@$(RUN) amp-dagster devserver --blocks 1000 --start-block 15000000 --block-time 1 & \
+	  devserver=$$!; trap 'kill $$devserver 2>/dev/null; wait $$devserver 2>/dev/null' EXIT; \
+	  DAGSTER_HOME=$(DEV_HOME) AMP_DEMO_DIR=$(CURDIR)/.demo $(RUN) dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: install services
 	$(RUN) python -m amp_dagster_tests.benchmarks $(BENCH_ARGS)

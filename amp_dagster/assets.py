@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 PIPELINE_KEY = "amp/pipeline"  # the pipeline config, in each asset's definition metadata
 STREAM_TAG = "amp/stream"  # tag of a stream's long-lived run: at most one per value (dagster.yaml)
+# run tags that bound a stream or an unpartitioned incremental run: the incremental sensor sets the first, a user
+# launching a stream for a while (the demo, a test) the second
+LIMIT_TAGS = {"amp/until_block": ("until_block", int), "amp/seconds": ("seconds", float)}
 
 
 # -- translation -----------------------------------------------------------------------------------------------
@@ -144,17 +147,18 @@ class AmpSyncResource(dg.ConfigurableResource):
     def run(self, context: dg.AssetExecutionContext, **options: Any) -> Iterator[dg.MaterializeResult]:
         store = DagsterCheckpoints(context.instance)
         specs = context.assets_def.specs_by_key
+        limits = {**_run_limits(context.run.tags), **options}
         for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
             pipeline = pipeline_of(specs[key])
             _check_pool(context.instance, pipeline)
             if pipeline.mode == "stream":
-                yield self._stream(context, key, pipeline, store, options)
+                yield self._stream(context, key, pipeline, store, limits)
             elif context.has_partition_key or context.has_partition_key_range:
                 yield self._partitions(context, key, pipeline, store, options)
             else:
                 started = time.monotonic()
                 result = _interruptible(lambda stop, p=pipeline: p.run(
-                    store, run_id=context.run.run_id, lock_wait=self.lock_wait, stop=stop, **options))  # fmt: skip
+                    store, run_id=context.run.run_id, lock_wait=self.lock_wait, stop=stop, **limits))  # fmt: skip
                 yield dg.MaterializeResult(asset_key=key, metadata=_metadata(pipeline, result, store, started))
 
     def _partitions(self, context, key, pipeline: Pipeline, store, options) -> dg.MaterializeResult:
@@ -218,6 +222,19 @@ def _check_pool(instance, pipeline: Pipeline) -> None:
             f"{pipeline.name} apart. Set one with `dagster instance concurrency set {pipeline.pool} 1`, or give "
             "every pool a limit with `concurrency: {pools: {default_limit: 1}}` in dagster.yaml."
         )
+
+
+def _run_limits(tags) -> dict[str, Any]:
+    """SyncOptions from the run's ``amp/until_block`` / ``amp/seconds`` tags; a clear error for a bad value."""
+    limits: dict[str, Any] = {}
+    for tag, (option, kind) in LIMIT_TAGS.items():
+        if tag in tags:
+            try:
+                limits[option] = kind(tags[tag])
+            except ValueError:
+                wanted = "a block number" if kind is int else "a number of seconds"
+                raise dg.Failure(f"run tag {tag}={tags[tag]!r} is not {wanted}: fix the tag or remove it") from None
+    return limits
 
 
 def pipeline_of(spec: dg.AssetSpec) -> Pipeline:

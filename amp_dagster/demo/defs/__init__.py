@@ -1,0 +1,1 @@
+"""The demo's dg defs folder: one sub-folder per dataset, each with the ``defs.yaml`` of its amp pipelines."""
