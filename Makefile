@@ -7,7 +7,7 @@ PYTHON ?= python3
 UV := $(PYTHON) -m uv
 RUN := $(UV) run --frozen
 
-.PHONY: install services lint format test demo dev bench clean
+.PHONY: install services chromium lint format test demo dev bench clean
 
 install:  ## uv (installed with pip if missing) and the locked environment
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -15,6 +15,11 @@ install:  ## uv (installed with pip if missing) and the locked environment
 
 services:  ## PostgreSQL and Redis on loopback (started if they are down)
 	@infra/services.sh
+
+chromium:  ## Debian's Chromium for the end-to-end UI test (about 50 s the first time)
+	@test -x /usr/bin/chromium || { echo "installing chromium for the UI test"; \
+	  sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$sudo apt-get install -y chromium || { $$sudo apt-get update && $$sudo apt-get install -y chromium; }; }
 
 lint: install
 	$(RUN) ruff check amp_dagster amp_dagster_tests
@@ -24,7 +29,7 @@ format: install
 	$(RUN) ruff check --fix amp_dagster amp_dagster_tests
 	$(RUN) ruff format amp_dagster amp_dagster_tests
 
-test: install services lint
+test: install services chromium lint
 	$(RUN) pytest $(PYTEST_ARGS)
 
 demo: install  ## the demo code location run headless through Dagster (stores and instance under .demo/headless)

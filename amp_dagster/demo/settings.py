@@ -9,6 +9,7 @@
 - ``AMP_DEMO_POSTGRES_DSN``: PostgreSQL for ``postgres``; default ``postgresql://127.0.0.1:5432/postgres`` (a
   password comes from ``PGPASSWORD``, which libpq reads);
 - ``AMP_DEMO_REDIS_URL``: Redis for ``redis``; default ``redis://127.0.0.1:6379/0`` (keys under ``amp_demo:``);
+- ``AMP_DEMO_NAMESPACE``: the schema, database, Iceberg namespace or key prefix of the tables; default ``eth``;
 - ``AMP_DEMO_START_BLOCK``: first block of the first block-range partition; default ``15000000``, where
   ``amp-dagster devserver --start-block 15000000`` starts.
 
@@ -41,6 +42,7 @@ class DemoSettings:
     clickhouse_dsn: str | None
     postgres_dsn: str
     redis_url: str
+    namespace: str
     start_block: int
 
     @classmethod
@@ -59,6 +61,7 @@ class DemoSettings:
             clickhouse_dsn=environ.get("AMP_DEMO_CLICKHOUSE_DSN") or None,
             postgres_dsn=environ.get("AMP_DEMO_POSTGRES_DSN") or "postgresql://127.0.0.1:5432/postgres",
             redis_url=environ.get("AMP_DEMO_REDIS_URL") or "redis://127.0.0.1:6379/0",
+            namespace=environ.get("AMP_DEMO_NAMESPACE") or "eth",
             start_block=int(start),
         )
 
@@ -80,6 +83,11 @@ class DemoSettings:
 @dg.template_var
 def amp_url() -> str:
     return DemoSettings.from_env().amp_url
+
+
+@dg.template_var
+def namespace() -> str:
+    return DemoSettings.from_env().namespace
 
 
 @dg.template_var
