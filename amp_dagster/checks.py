@@ -104,8 +104,11 @@ def _continuity_check(pipeline: Pipeline):
     # partitioned checks are "preview" in Dagster 1.13 (verified to work: DAGSTER_NOTES §6); say so once, not per check
     warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=Warning)
 
-    # it reads the destination, so it waits for the pipeline's pool like the loads do (one chdb engine per path)
-    @dg.asset_check(asset=_key(pipeline), name="block_continuity", partitions_def=partitions, pool=pipeline.pool,
+    # it reads the destination, so it waits for the pipeline's pool like the loads do (one chdb engine per path);
+    # not a stream's: its run holds that slot for as long as it streams, and the check would wait for ever
+    pool = None if pipeline.mode == "stream" else pipeline.pool
+
+    @dg.asset_check(asset=_key(pipeline), name="block_continuity", partitions_def=partitions, pool=pool,
                     description="The destination holds exactly amp's rows over the loaded blocks: no gap, no "
                                 "duplicated block, no leftover of a fork.")  # fmt: skip
     def _check(context) -> dg.AssetCheckResult:

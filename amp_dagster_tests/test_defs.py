@@ -5,6 +5,7 @@ stores with the rows amp gives, and ``make demo`` runs it through Dagster from e
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -15,7 +16,6 @@ import pytest
 
 from amp_dagster.errors import ConfigError
 
-from .instances import sqlite_instance
 from .services import closed_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +58,16 @@ def test_the_demo_definitions_load():
     for name in PARTITIONED:
         definition = graph.get(dg.AssetKey(name.split("."))).partitions_def
         assert isinstance(definition, dg.DynamicPartitionsDefinition) and definition.name == "eth_block_ranges"
-    # a pool per pipeline: one writer per checkpoint (and per chdb directory) at a time
+    # a pool per pipeline: one writer per checkpoint (and per chdb directory) at a time; the continuity checks of
+    # batch pipelines read the destination under it too (a stream's run holds its slot while it runs)
     assert {a.op.pool for a in defs.assets} == {"amp_" + n.replace(".", "_") for n in by_name}
+    check_pools = {next(iter(c.check_keys)).name + " " + next(iter(c.check_keys)).asset_key.to_user_string():
+                   c.node_def.pool for c in defs.asset_checks}  # fmt: skip
+    assert check_pools == {
+        **{f"block_continuity eth/{t}": f"amp_eth_{t}" for t in ("blocks", "transactions", "logs", "transfers")},
+        "block_continuity eth/transfers_live": None,
+        **{f"freshness eth/{t}": None for t in ("blocks", "transactions", "logs", "transfers", "transfers_live")},
+    }
     kinds = {p.name: p.destination.kind for p in by_name.values()}
     assert kinds == {"eth.blocks": "delta", "eth.transactions": "iceberg", "eth.logs": "delta",
                      "eth.transfers": "clickhouse", "eth.transfers_live": "delta"}  # fmt: skip
@@ -122,7 +130,10 @@ def test_a_partition_of_every_demo_asset_and_a_bounded_stream_into_the_embedded_
     key = BlockRanges("eth_block_ranges", 100, START).key_of(START + 100)
     job = defs.resolve_implicit_global_asset_job_def()
     try:
-        with sqlite_instance(tmp_path / "home") as instance:
+        home = tmp_path / "home"
+        home.mkdir()
+        shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")  # its pools have limits: the assets require them
+        with dg.DagsterInstance.from_config(str(home)) as instance:
             instance.add_dynamic_partitions("eth_block_ranges", [key])
             partitioned = [dg.AssetKey(n.split(".")) for n in PARTITIONED]
             result = job.execute_in_process(instance=instance, asset_selection=partitioned, partition_key=key)
@@ -158,6 +169,21 @@ def test_a_partition_of_every_demo_asset_and_a_bounded_stream_into_the_embedded_
                 loader.close()
     finally:
         admin().command(f"DROP DATABASE IF EXISTS `{namespace}`")
+
+
+def test_a_bounding_tag_that_is_not_a_number_fails_the_run_naming_it(monkeypatch, tmp_path):
+    defs = load(monkeypatch, AMP_URL=f"grpc://127.0.0.1:{closed_port()}", AMP_DEMO_DIR=str(tmp_path))
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey(["eth", "transfers_live"])],
+            tags={"amp/until_block": "soon"}, raise_on_error=False)  # fmt: skip
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert failure.step_failure_data.user_failure_data.description == (
+        "run tag amp/until_block='soon' is not a block number: fix the tag or remove it")  # fmt: skip
 
 
 @pytest.mark.slow
