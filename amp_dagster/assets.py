@@ -177,13 +177,17 @@ class AmpSyncResource(dg.ConfigurableResource):
             result = _interruptible(lambda stop: pipeline.run(
                 store, mode="incremental", ranges=ranges, run_id=run_id, lock_wait=self.lock_wait, stop=stop,
                 source=counter, **options))  # fmt: skip
-        if len(partition_keys) > 1:  # a range run: each partition's own count (one partition: the total is it)
+        bounds = dict(counter.bounds)
+        if len(partition_keys) > 1:  # a range run: each partition's own figures (one partition: the run's are its)
             for partition, rows in counter.counts().items():
-                context.add_asset_metadata(
-                    {"dagster/partition_row_count": rows}, asset_key=key, partition_key=partition
-                )
+                own = {"dagster/partition_row_count": rows, "amp/first_block": bounds[partition].start,
+                       "amp/last_block": bounds[partition].end}  # fmt: skip
+                context.add_asset_metadata(own, asset_key=key, partition_key=partition)
         metadata = _metadata(pipeline, result, store, started, row_key="dagster/partition_row_count")
+        # the blocks this materialization covers (rows may not reach the ends of a sparse query's range)
         metadata["amp/ranges"] = ", ".join(str(r) for r in ranges) or "no blocks in this window"
+        if ranges:
+            metadata["amp/first_block"], metadata["amp/last_block"] = ranges[0].start, ranges[-1].end
         return dg.MaterializeResult(asset_key=key, metadata=metadata)
 
     def _stream(self, context, key, pipeline: Pipeline, store, options) -> dg.MaterializeResult:
@@ -277,7 +281,7 @@ class _PartitionCounter:
     """A source wrapper counting rows per partition as batches pass (vectorised), for per-partition metadata."""
 
     def __init__(self, source: Any, bounds: list[tuple[str, RowRange]]) -> None:
-        self.source, self.range_column = source, getattr(source, "range_column", None)
+        self.source, self.range_column, self.bounds = source, getattr(source, "range_column", None), bounds
         self._keys = [k for k, _ in bounds]
         self._starts = np.array([r.start for _, r in bounds], dtype=np.float64)
         self._counts = np.zeros(len(bounds), dtype=np.int64)

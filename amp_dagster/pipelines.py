@@ -457,13 +457,39 @@ def load_pipelines(path: str | Path) -> PipelineFile:
         lines: dict[tuple, int] = {}
         data = _construct(node, (), lines)
         if isinstance(data, Mapping) and "attributes" in data and "type" in data:  # a Dagster component file
-            data, prefix = data["attributes"], ("attributes",)
+            data, prefix = _render(data["attributes"], data.get("template_vars_module"), path), ("attributes",)
         else:
             prefix = ()
         if isinstance(data, Mapping) and "pipelines" in data:
             return parse_pipelines(data, source=str(path), lines={k[len(prefix):]: v for k, v in lines.items()
                                                                    if k[: len(prefix)] == prefix})  # fmt: skip
     raise ConfigError(f"{path}: no `pipelines:` list found (a pipeline file holds `pipelines: [...]`)")
+
+
+def _render(attributes: Any, template_vars_module: str | None, path: Path) -> Any:
+    """A component file's attributes rendered as Dagster renders them (``{{ env.X }}``, ``{{ env('X', 'd') }}``,
+    the template vars of ``template_vars_module``), so that `amp-dagster sync` reads what the code location does."""
+    from dagster.components.resolved.context import ResolutionContext
+
+    context = ResolutionContext.default()
+    if template_vars_module:
+        from dagster.components.component.template_vars import find_inline_template_vars_in_module
+
+        if template_vars_module.startswith("."):
+            raise ConfigError(
+                f"{path}: template_vars_module {template_vars_module!r} is relative to a defs module, which a file "
+                "read outside a Dagster project does not have: give its absolute module name"
+            )
+        try:
+            module = importlib.import_module(template_vars_module)
+            scope = {name: fn() for name, fn in find_inline_template_vars_in_module(module).items()}
+        except (ImportError, TypeError) as exc:
+            raise ConfigError(f"{path}: template vars of {template_vars_module!r} cannot be read: {exc}") from None
+        context = context.with_scope(**scope)
+    try:
+        return context.resolve_value(attributes)
+    except Exception as exc:  # a template that does not render names itself in the message
+        raise ConfigError(f"{path}: a template does not render: {exc}") from None
 
 
 def parse_pipelines(data: Any, source: str = "<config>", lines: Mapping[tuple, int] | None = None) -> PipelineFile:

@@ -23,6 +23,7 @@ from .state import load_state
 
 PIPELINE_TAG = "amp/pipeline"
 MAX_RUNS_PER_TICK = 20  # a long history is caught up over several ticks (or by one backfill)
+MAX_PARTITIONS = 100_000  # Dagster's guidance for one asset's partitions (UI load times)
 STREAM_BACKOFF = (10.0, 600.0)  # seconds before relaunching a failed stream, doubling per failure in a row
 
 
@@ -88,6 +89,13 @@ def _ranges(context, pipeline: Pipeline, key: dg.AssetKey, head: int, final: int
     ranges = block_ranges(pipeline)
     after = int(context.cursor) if context.cursor else None
     known = set(context.instance.get_dynamic_partitions(ranges.name))
+    total = (final - ranges.start + 1) // ranges.size
+    if total > MAX_PARTITIONS:
+        return dg.SkipReason(
+            f"{pipeline.name}: {total:,} block ranges of {ranges.size:,} blocks from block {ranges.start:,} to amp's "
+            f"head {head:,} would exceed {MAX_PARTITIONS:,} partitions, more than Dagster's UI handles well. Raise "
+            "partitions.size or set partitions.start nearer the head."
+        )
     closed = ranges.keys_through(final)
     new_keys = [k for k in closed if k not in known]
     due = ranges.keys_through(final, after=after)[:MAX_RUNS_PER_TICK]

@@ -82,6 +82,10 @@ def test_partitions_are_replaced_exactly_and_a_range_run_equals_single_runs(name
             assert counts == {k: by_partition(after, i).num_rows for k, i in zip(keys(1, 2, 3), (1, 2, 3),
                                                                                   strict=True)}  # fmt: skip
             assert {e.metadata["amp/ranges"].value for e in events} == {"50..=199"}, "one query, one replace"
+            own = {
+                e.partition: (e.metadata["amp/first_block"].value, e.metadata["amp/last_block"].value) for e in events
+            }
+            assert own == {k: (50 * i, 50 * i + 49) for k, i in zip(keys(1, 2, 3), (1, 2, 3), strict=True)}
     finally:
         harness.cleanup()
 

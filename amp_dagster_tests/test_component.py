@@ -75,10 +75,12 @@ def test_a_mistake_in_the_defs_yaml_names_the_field():
     assert any("pipelines[1].destination.pasword_env: Extra inputs are not permitted" in text for text in chain)
 
 
-def test_amp_dagster_sync_reads_the_same_file(tmp_path):
+def test_amp_dagster_sync_reads_the_same_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMP_URL", "grpc://127.0.0.1:4343")
     path = tmp_path / "defs.yaml"
     path.write_text(yaml.safe_dump(DEFS))
     spec = load_pipelines(path)
+    assert spec.get("eth.logs").source.url == "grpc://127.0.0.1:4343", "rendered as Dagster renders it"
     assert [p.name for p in spec.pipelines] == ["eth.logs", "eth.blocks_stream"]
     assert spec.get("eth.blocks_stream").destination.password_env == "PGPASSWORD", "a secret stays a variable name"
 
