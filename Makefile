@@ -29,8 +29,9 @@ format: install
 	$(RUN) ruff check --fix amp_dagster amp_dagster_tests
 	$(RUN) ruff format amp_dagster amp_dagster_tests
 
+# three workers on two cores: much of the suite waits on servers and child processes (about 9 minutes here)
 test: install services chromium lint
-	$(RUN) pytest $(PYTEST_ARGS)
+	$(RUN) pytest -n 3 --dist worksteal $(PYTEST_ARGS)
 
 demo: install  ## the demo code location run headless through Dagster (stores and instance under .demo/headless)
 	$(RUN) python -m amp_dagster.demo
