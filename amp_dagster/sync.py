@@ -270,10 +270,13 @@ class _Run:
                     f"`amp-dagster checkpoints reset {self.pipeline}` to start over (the next sync reloads "
                     "from the start), or restore the previous query and destination."
                 )
-            if self.mode == "incremental" and self.options.ranges:
-                self._each_span()
-            else:
-                self._retrying(self._attempt)
+            try:
+                if self.mode == "incremental" and self.options.ranges:
+                    self._each_span()
+                else:
+                    self._retrying(self._attempt)
+            except _Stopped:  # asked to stop in the middle of a write: it aborted, nothing of it committed
+                pass
         return self._result()
 
     def _validate(self) -> None:
@@ -356,15 +359,24 @@ class _Run:
         bounds = pc.min_max(batch.column(self.column))
         return bounds["min"].as_py(), bounds["max"].as_py()
 
+    def _stats(self, batch: pa.RecordBatch) -> tuple[int, int, int, int]:
+        low, high = self._bounds(batch)
+        return batch.num_rows, batch.nbytes, low, high
+
     def _count(self, batch: pa.RecordBatch) -> None:
         """A committed batch, in the run's totals."""
-        if not batch.num_rows:
-            return
-        low, high = self._bounds(batch)
-        self.first_block = low if self.first_block is None else min(self.first_block, low)
-        self.last_block = high if self.last_block is None else max(self.last_block, high)
-        self.rows += batch.num_rows
-        self.bytes += batch.nbytes
+        if batch.num_rows:
+            self._counted([self._stats(batch)])
+
+    def _counted(self, stats: list[tuple[int, int, int, int]]) -> int:
+        """Committed batches' (rows, bytes, low, high) in the run's totals; returns their rows. Counted only once
+        committed, so that a write that failed and was retried is not counted twice."""
+        for rows, size, low, high in stats:
+            self.first_block = low if self.first_block is None else min(self.first_block, low)
+            self.last_block = high if self.last_block is None else max(self.last_block, high)
+            self.rows += rows
+            self.bytes += size
+        return sum(s[0] for s in stats)
 
     def _report(self) -> None:
         if self.options.progress is None:
@@ -390,7 +402,8 @@ class _Run:
     # -- writing from the queue --------------------------------------------------------------------------------
 
     def _data_of_read(self, reader: Reader, seen: dict) -> Iterator[pa.RecordBatch]:
-        """The Data batches of one read, up to its end; its last Checkpoint is kept in ``seen``."""
+        """The Data batches of one read, up to its end; its last Checkpoint is kept in ``seen``, and its batches'
+        figures in ``seen["counts"]`` until the write commits (:meth:`_counted`)."""
         while True:
             if self._should_stop():
                 raise _Stopped()
@@ -401,7 +414,7 @@ class _Run:
                 return
             if isinstance(item, Data):
                 if item.batch.num_rows:
-                    self._count(item.batch)
+                    seen.setdefault("counts", []).append(self._stats(item.batch))
                     yield item.batch
             elif isinstance(item, Checkpoint):
                 seen["checkpoint"] = item
@@ -448,8 +461,8 @@ class _Run:
             self.loader.replace_table(self.table, data)
         finally:
             reader.stop()
-        final = seen.get("checkpoint")
-        self._commit_live(self.last_block, final.position if final else None, self.rows)
+        rows, final = self._counted(seen.get("counts", [])), seen.get("checkpoint")
+        self._commit_live(self.last_block, final.position if final else None, rows)
 
     def _chunks(self) -> None:
         """Incremental over an amp batch query: ``(checkpoint, head - finality]`` in chunks."""
@@ -475,13 +488,11 @@ class _Run:
         reader = self._read_into([(None, c) for c in todo])
         try:
             for chunk in chunks:
+                rows = 0
                 if chunk in todo:
                     seen: dict = {}
-                    rows_before = self.rows
                     self.loader.write(self.table, self._reader_of(reader, seen), replace=chunk)
-                    rows = self.rows - rows_before
-                else:
-                    rows = 0
+                    rows = self._counted(seen.get("counts", []))
                 reached = contiguous_end(start, [RowRange(start, chunk.end), *loaded])
                 at_head = reached == head.end
                 position = Watermark.at(head.network, head.end, head.hash) if at_head else None
@@ -510,13 +521,12 @@ class _Run:
             key = range_key(self.pipeline, span)
 
             def load(span: RowRange = span, key: str = key) -> None:
-                reader = self._read_into([(None, span)])
-                rows_before = self.rows
+                reader, seen = self._read_into([(None, span)]), {}
                 try:
-                    self.loader.write(self.table, self._reader_of(reader, {}), replace=span)
+                    self.loader.write(self.table, self._reader_of(reader, seen), replace=span)
                 finally:
                     reader.stop()
-                state = SyncState(self.pipeline, self.mode, ranges=(span,), rows=self.rows - rows_before)
+                state = SyncState(self.pipeline, self.mode, ranges=(span,), rows=self._counted(seen.get("counts", [])))
                 self._checkpoint(key, state)
                 self.flushes += 1
                 self._report()

@@ -291,3 +291,30 @@ class ReplayingSource(ScriptedSource):
         if self.wait:
             self.steps.append(("wait",))
         return _Play(self)
+
+
+class BatchChain:
+    """A block-keyed batch source with a head, like an amp batch query: ``read(rows=...)`` gives the rows of the
+    chain's blocks in that range (``delay`` seconds per batch of ``per_batch`` blocks) and a final checkpoint.
+    ``reads`` records each range read."""
+
+    range_column = BLOCK_NUM
+    stream = False
+
+    def __init__(self, end: int, per_block: int = 2, per_batch: int = 10, delay: float = 0.0) -> None:
+        self.chain, self.end, self.per_block, self.per_batch, self.delay = Chain(), end, per_block, per_batch, delay
+        self.reads: list[RowRange | None] = []
+
+    def schema(self) -> pa.Schema:
+        return SCHEMA
+
+    def head(self) -> BlockRange:
+        return self.chain.range(0, self.end)
+
+    def read(self, resume: Position | None = None, *, rows: RowRange | None = None) -> Iterator[Event]:
+        self.reads.append(rows)
+        first, last = (0, self.end) if rows is None else (rows.start, min(rows.end, self.end))
+        for start in range(first, last + 1, self.per_batch):
+            time.sleep(self.delay)
+            yield Data(self.chain.rows(start, min(start + self.per_batch - 1, last), self.per_block))
+        yield Checkpoint(Watermark.from_ranges([self.head()]), (self.head(),))

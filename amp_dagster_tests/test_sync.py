@@ -15,7 +15,7 @@ from amp_dagster.retry import RetryPolicy
 from amp_dagster.state import MemoryCheckpoints, SyncState, live_key, load_state, range_key
 from amp_dagster.sync import SyncOptions, sync
 
-from .fakes import NETWORK, MemoryLoader, PagedSource, ReplayingSource, ScriptedSource
+from .fakes import NETWORK, BatchChain, MemoryLoader, PagedSource, ReplayingSource, ScriptedSource
 
 TABLE = TableRef("events", namespace="t")
 FAST = RetryPolicy(attempts=4, initial_delay=0.01, max_delay=0.02)
@@ -278,3 +278,25 @@ def test_while_catching_up_microbatches_are_written_together():
     assert stored(loader) == canonical(source, 0, 999)
     assert len(writes) <= 8, f"100 microbatches of 20 rows, written in {len(writes)} writes"
     assert load_state(store, "p").high == 999
+
+
+def test_incremental_chunks_checkpoint_each_and_a_retried_chunk_counts_once():
+    loader, store = MemoryLoader(), MemoryCheckpoints()
+    loader.fail_writes = 1  # the first chunk's write fails once at commit: retried from the checkpoint
+    source = BatchChain(end=99)
+    result = sync(source, loader, TABLE, store, "incremental", SyncOptions(blocks_per_query=40, retry=FAST),
+                  pipeline="p")  # fmt: skip
+    assert stored(loader) == canonical(source, 0, 99)
+    assert result.rows == 200 and load_state(store, "p").rows == 200, "the failed attempt's rows are not counted"
+    assert load_state(store, "p").high == 99 and result.flushes == 3
+
+
+def test_a_stop_in_the_middle_of_an_incremental_chunk_ends_cleanly():
+    loader, store, stop = MemoryLoader(), MemoryCheckpoints(), threading.Event()
+    source = BatchChain(end=99, per_batch=5, delay=0.05)
+    threading.Timer(0.6, stop.set).start()
+    result = sync(source, loader, TABLE, store, "incremental", SyncOptions(blocks_per_query=40, stop=stop),
+                  pipeline="p")  # fmt: skip
+    high = load_state(store, "p").high
+    assert result.stopped == "stopped" and high in (39, 79)
+    assert stored(loader) == canonical(source, 0, high), "the chunk being written when stopped left nothing"
