@@ -1,8 +1,9 @@
 """Asset checks of amp assets, partitioned where the asset is:
 
 - ``block_continuity``: over the loaded range (a partition's blocks, or everything up to the checkpoint), the
-  destination holds exactly as many rows as amp's result of the same query, no row twice by key, and no row
-  outside the range: a gap, a duplicated block or leftovers of a fork all fail it;
+  destination holds exactly as many rows as amp's result of the same query, no key twice, and (when the query
+  selects ``block_hash``) no block's rows from a fork amp no longer has: a gap, a duplicated block or a fork's
+  leftovers all fail it;
 - ``freshness``: how far the checkpoint is behind amp's head, in blocks and seconds.
 """
 
@@ -19,7 +20,7 @@ from .assets import partitions_for
 from .checkpoints import DagsterCheckpoints
 from .partitions import keys_to_ranges
 from .pipelines import BlockRangePartitions, Pipeline
-from .ranges import RowRange, merge_ranges
+from .ranges import BLOCK_NUM, RowRange, merge_ranges
 from .state import effective_high, load_state, range_records
 
 MAX_LAG_BLOCKS = 100  # freshness fails (as a warning) beyond this many blocks behind the head
@@ -41,10 +42,12 @@ def continuity(pipeline: Pipeline, ranges: Sequence[RowRange]) -> dg.AssetCheckR
     table = pipeline.table_ref()
     spans = merge_ranges(ranges)
     expected = sum(source.count(rows) for rows in spans)
+    forks = "block_hash" in (source.schema() or pa.schema([])).names
     loader = pipeline.destination.build()
     try:
         found = sum(loader.count(table, rows) for rows in spans)
         duplicates = _duplicate_keys(loader, table, spans) if pipeline.key else 0
+        orphaned = _orphaned_blocks(source, loader, table, spans) if forks and spans else []
     finally:
         loader.close()
     described = ", ".join(str(r) for r in spans) or "nothing loaded yet"
@@ -56,12 +59,27 @@ def continuity(pipeline: Pipeline, ranges: Sequence[RowRange]) -> dg.AssetCheckR
         )
     elif duplicates:
         problem = f"{duplicates} key(s) appear more than once over {described}"
+    elif orphaned:
+        problem = f"{len(orphaned)} block(s) hold rows of a fork amp no longer has (first: block {orphaned[0]})"
     return dg.AssetCheckResult(
         passed=problem is None,
         metadata={"amp/blocks": described, "amp/rows_expected": expected, "amp/rows_found": found,
-                  "amp/duplicate_keys": duplicates},
+                  "amp/duplicate_keys": duplicates, "amp/orphaned_blocks": len(orphaned)},
         description=None if problem is None else problem + ". Re-materialize the range: it is replaced, not appended.",
     )  # fmt: skip
+
+
+def _orphaned_blocks(source, loader, table, spans: Sequence[RowRange]) -> list[int]:
+    """Blocks whose rows in the destination carry a block hash amp does not have for them (a fork's leftovers)."""
+    pairs = [BLOCK_NUM, "block_hash"]
+    want = pa.concat_tables([source.block_hashes(rows).select(pairs) for rows in spans])
+    seen = [pa.Table.from_batches([b]).select(pairs).group_by(pairs).aggregate([])
+            for rows in spans for b in loader.read(table, rows)]  # fmt: skip
+    if not seen:
+        return []
+    have = pa.concat_tables(seen).group_by(pairs).aggregate([])
+    stray = have.join(want.cast(have.schema), pairs, join_type="left anti")
+    return sorted(set(stray.column(BLOCK_NUM).to_pylist()))
 
 
 def _duplicate_keys(loader, table, spans: Sequence[RowRange]) -> int:

@@ -100,6 +100,14 @@ class AmpQuerySource:
         table = self.client.query(f"SELECT count(*) AS n FROM ({inner}) AS amp_count").reader.read_all()
         return int(table.column("n")[0].as_py())
 
+    def block_hashes(self, rows: RowRange) -> pa.Table:
+        """The distinct (``_block_num``, ``block_hash``) pairs of the query's rows in a block range: which fork each
+        block's rows come from (the query must select ``block_hash``)."""
+        inner = _restrict(self.sql, BLOCK_NUM, _bounds(BLOCK_NUM, rows, None))
+        return self.client.query(
+            f"SELECT DISTINCT {BLOCK_NUM}, block_hash FROM ({inner}) AS amp_hashes"
+        ).reader.read_all()
+
     def read(self, resume: Position | None = None, *, rows: RowRange | None = None) -> Iterator[Event]:
         if resume is not None and not isinstance(resume, Watermark):
             raise TerminalError(f"an amp query resumes from a Watermark, not {type(resume).__name__}")
